@@ -1,0 +1,74 @@
+"""Load and validate the pipeline configuration before any work starts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "configs" / "config.schema.yaml"
+DATASET_NAME = re.compile(r"^[a-z0-9]+$")
+
+
+class ConfigError(ValueError):
+    """A configuration value a user must fix; the message names the key and the fix."""
+
+
+def validate_dataset_name(name: str) -> str:
+    """Refuse names that would break lineage names (`-`, `_`, `.` separate their parts)."""
+    if not DATASET_NAME.match(name):
+        raise ConfigError(
+            f"dataset name {name!r} is invalid: use lower-case letters and digits only "
+            "([a-z0-9]+), because '-', '_' and '.' separate the parts of checkpoint names"
+        )
+    return name
+
+
+def validate(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[str, Any]:
+    """Validate ``config`` against the JSON schema and fill schema defaults in place."""
+    for name in (config.get("datasets") or {}):
+        validate_dataset_name(str(name))
+    schema = yaml.safe_load(schema_path.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for error in errors:
+            key = ".".join(str(p) for p in error.absolute_path) or "<top level>"
+            lines.append(f"config key {key}: {error.message}")
+        raise ConfigError(
+            "invalid configuration (see configs/config.yaml for every key):\n  "
+            + "\n  ".join(lines)
+        )
+    _fill_defaults(config, schema, schema)
+    return config
+
+
+def _fill_defaults(node: Any, schema: dict[str, Any], root: dict[str, Any]) -> None:
+    if "$ref" in schema:
+        schema = root["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+    if not isinstance(node, dict):
+        return
+    for key, sub in schema.get("properties", {}).items():
+        if key not in node and "default" in sub:
+            node[key] = sub["default"]
+        if key in node:
+            _fill_defaults(node[key], sub, root)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in node.items():
+            if key not in schema.get("properties", {}):
+                _fill_defaults(value, extra, root)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file and validate it."""
+    return validate(yaml.safe_load(Path(path).read_text()) or {})
+
+
+def dataset_tokenizer(config: dict[str, Any], dataset: str) -> str:
+    """The tokenizer spec for ``dataset``: its own, else the global one."""
+    return config["datasets"][dataset].get("tokenizer") or config["tokenizer"]

@@ -1,0 +1,31 @@
+# Config validation and the input functions every rule file uses.
+
+from dalle_data import config as ddconfig
+
+ddconfig.validate(config)
+
+OUT = config["output_dir"]
+
+
+wildcard_constraints:
+    dataset="[a-z0-9]+",
+
+
+def ds_dir(dataset):
+    """`<output_dir>/<dataset>`: everything built for one dataset."""
+    return f"{OUT}/{dataset}"
+
+
+def ds_config(dataset):
+    if dataset not in config["datasets"]:
+        raise ValueError(
+            f"dataset {dataset!r} is not configured: add it under `datasets:` in "
+            "configs/config.yaml or a --configfile"
+        )
+    return config["datasets"][dataset]
+
+
+def verified(dataset):
+    """The record `dalle-data verify` writes once a dataset's shards check out."""
+    ds_config(dataset)
+    return f"{ds_dir(dataset)}/shards/verify.json"

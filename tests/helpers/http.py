@@ -1,0 +1,121 @@
+"""A local HTTP server for tests: every image URL a test uses points at 127.0.0.1."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+Handler = Callable[[http.server.BaseHTTPRequestHandler], None]
+
+
+@dataclass
+class Route:
+    """A canned answer: status, headers and body; or a ``handler`` for odd behaviour."""
+
+    body: bytes = b""
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    handler: Handler | None = None
+
+
+class LocalServer:
+    """Serves ``routes`` (path -> Route) on 127.0.0.1 in a background thread."""
+
+    def __init__(self, routes: dict[str, Route] | None = None) -> None:
+        self.routes: dict[str, Route] = dict(routes or {})
+        self.requests: list[str] = []
+        server = self
+
+        class _Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:  # keep test output quiet
+                pass
+
+            def _answer(self, send_body: bool) -> None:
+                path = self.path.split("?", 1)[0]
+                server.requests.append(path)
+                route = server.routes.get(path)
+                if route is None:
+                    route = Route(body=b"not found", status=404)
+                if route.handler is not None:
+                    route.handler(self)
+                    return
+                body = route.body
+                start, end = 0, len(body)
+                status = route.status
+                rng = self.headers.get("Range")
+                if rng and status == 200 and rng.startswith("bytes="):
+                    first, _, last = rng[6:].partition("-")
+                    start = int(first or 0)
+                    end = int(last) + 1 if last else len(body)
+                    status = 206
+                self.send_response(status)
+                headers = {"Content-Length": str(end - start), **route.headers}
+                if status == 206:
+                    headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(body)}"
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if send_body:
+                    try:
+                        self.wfile.write(body[start:end])
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                self._answer(send_body=True)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._answer(send_body=False)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def start(self) -> LocalServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@contextmanager
+def serve(routes: dict[str, Route] | None = None) -> Iterator[LocalServer]:
+    """Run a LocalServer for the duration of a ``with`` block."""
+    server = LocalServer(routes).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def stall(seconds: float) -> Handler:
+    """A handler that sends headers, then nothing for ``seconds`` (longer than a timeout)."""
+
+    def handle(req: http.server.BaseHTTPRequestHandler) -> None:
+        req.send_response(200)
+        req.send_header("Content-Type", "image/jpeg")
+        req.send_header("Content-Length", "100000")
+        req.end_headers()
+        time.sleep(seconds)
+
+    return handle
+
+
+def reset(req: http.server.BaseHTTPRequestHandler) -> None:
+    """A handler that resets the TCP connection without answering."""
+    req.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    req.connection.close()
+    req.close_connection = True
