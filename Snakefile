@@ -12,6 +12,7 @@ configfile: "configs/config.yaml"
 
 include: "pipelines/common.smk"
 include: "pipelines/metadata.smk"
+include: "pipelines/tokenizer.smk"
 include: "pipelines/download.smk"
 include: "pipelines/shards.smk"
 include: "pipelines/train.smk"

@@ -1,0 +1,1 @@
+# shards rules (being written)
