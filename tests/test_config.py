@@ -1,0 +1,79 @@
+"""Config validation: a typo fails in the first second, naming the key."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dalle_data import config
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = yaml.safe_load((ROOT / "configs" / "config.yaml").read_text())
+
+
+def defaults() -> dict:
+    return copy.deepcopy(DEFAULTS)
+
+
+def test_default_config_is_valid_and_gets_schema_defaults():
+    cfg = defaults()
+    del cfg["datasets"]["cc12m"]["fraction"]
+    config.validate(cfg)
+    assert cfg["datasets"]["cc12m"]["fraction"] == 1.0
+    assert cfg["datasets"]["cc12m"]["allow_file_urls"] is False
+    assert cfg["datasets"]["sample"]["allow_file_urls"] is True
+
+
+@pytest.mark.parametrize("name", ["cc-12m", "cc_12m", "cc12m.v2", "CC12M", ""])
+def test_dataset_names_that_would_break_lineage_names_are_refused(name):
+    cfg = defaults()
+    cfg["datasets"][name] = cfg["datasets"].pop("cc12m")
+    with pytest.raises(config.ConfigError, match=r"\[a-z0-9\]\+"):
+        config.validate(cfg)
+
+
+def test_unknown_key_is_named():
+    cfg = defaults()
+    cfg["datasets"]["wit"]["langauges"] = ["en"]
+    with pytest.raises(config.ConfigError, match=r"datasets\.wit.*langauges"):
+        config.validate(cfg)
+
+
+def test_wrong_type_is_named():
+    cfg = defaults()
+    cfg["image_size"] = "big"
+    with pytest.raises(config.ConfigError, match=r"config key image_size: 'big'"):
+        config.validate(cfg)
+
+
+def test_source_may_be_a_string_or_a_list():
+    cfg = defaults()
+    cfg["datasets"]["cc12m"]["source"] = ["a.tsv", "file:///b.tsv"]
+    config.validate(cfg)
+    cfg["datasets"]["cc12m"]["source"] = []
+    with pytest.raises(config.ConfigError, match="datasets.cc12m.source"):
+        config.validate(cfg)
+
+
+def test_dataset_tokenizer_falls_back_to_the_global_one():
+    cfg = config.validate(defaults())
+    assert config.dataset_tokenizer(cfg, "cc12m") == "simple"
+    assert config.dataset_tokenizer(cfg, "sample").startswith("hug:")
+
+
+def test_snakemake_refuses_a_bad_dataset_name_before_any_work(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(yaml.safe_dump({"datasets": {"my_set": DEFAULTS["datasets"]["cc12m"]}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "sample_shards", "--configfile", str(extra)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "dataset name 'my_set' is invalid" in result.stdout + result.stderr
