@@ -1,0 +1,80 @@
+"""The shard writer: contract layout, fixed tar metadata, byte reproducibility, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dalle_data.shards import Sample, ShardError, read_shard, row_key, write_shards
+
+
+def make_samples(n: int, start: int = 0) -> list[Sample]:
+    return [
+        Sample(
+            key=row_key(start + i * 7),
+            jpg=bytes([i % 256]) * (100 + i),
+            txt=f"caption number {i} é",
+            meta={"url": f"http://x/{i}.jpg", "row_id": start + i * 7},
+            tokens=np.arange(i % 5 + 1, dtype=np.int64),
+        )
+        for i in range(n)
+    ]
+
+
+def test_layout_and_tar_metadata(tmp_path: Path) -> None:
+    records = write_shards(make_samples(5), tmp_path, dataset="demo", shard_size=2)
+    assert [r["name"] for r in records] == ["demo-00000.tar", "demo-00001.tar", "demo-00002.tar"]
+    assert [r["samples"] for r in records] == [2, 2, 1]
+    with tarfile.open(tmp_path / "demo-00000.tar") as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members] == [
+        f"{row_key(k)}.{ext}" for k in (0, 7) for ext in ("jpg", "json", "tok.npy", "txt")
+    ]
+    for m in members:
+        assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
+    first = next(read_shard(tmp_path / "demo-00001.tar"))
+    assert first["__key__"] == row_key(14)
+    assert first["txt"].decode() == "caption number 2 é"
+    assert json.loads(first["json"]) == {"row_id": 14, "url": "http://x/2.jpg"}
+    tokens = np.load(io.BytesIO(first["tok.npy"]))
+    assert tokens.dtype == np.dtype("<i4") and tokens.tolist() == [0, 1, 2]
+    assert records[0]["bytes"] == (tmp_path / "demo-00000.tar").stat().st_size
+
+
+def test_same_samples_same_bytes_and_stale_shards_removed(tmp_path: Path) -> None:
+    a = write_shards(make_samples(7), tmp_path / "a", dataset="demo", shard_size=3)
+    b = write_shards(make_samples(7), tmp_path / "b", dataset="demo", shard_size=3)
+    assert a == b
+    for r in a:
+        assert (tmp_path / "a" / r["name"]).read_bytes() == (
+            tmp_path / "b" / r["name"]
+        ).read_bytes()
+    (tmp_path / "a" / "other-00000.tar").write_bytes(b"not ours")
+    smaller = write_shards(make_samples(2), tmp_path / "a", dataset="demo", shard_size=3)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "demo-00000.tar",
+        "other-00000.tar",
+    ]
+    assert smaller[0]["samples"] == 2
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [(["000000000002", "000000000001"], "must come sorted"), (["12a"], "not digits only")],
+)
+def test_refuses_bad_keys(tmp_path: Path, keys: list[str], message: str) -> None:
+    samples = [Sample(k, b"x", "t", {}, np.zeros(1, dtype=np.int32)) for k in keys]
+    with pytest.raises(ShardError, match=message):
+        write_shards(samples, tmp_path, dataset="demo", shard_size=10)
+    assert not any(p.name.endswith(".tar") for p in tmp_path.iterdir())
+
+
+def test_refuses_bad_tokens(tmp_path: Path) -> None:
+    bad = Sample(row_key(1), b"x", "t", {}, np.zeros((2, 2), dtype=np.int32))
+    with pytest.raises(ShardError, match="1-D integer"):
+        write_shards([bad], tmp_path, dataset="demo", shard_size=10)
