@@ -1,43 +1,58 @@
 """The one place where dalle-data adapts its dependencies to today's stack.
 
-Import ``dalle_pytorch`` through :func:`import_dalle_pytorch` (or import this module
-first): taming-transformers 0.0.6 imports a pytorch-lightning module that no longer
-exists, and img2dataset / albumentations phone home at import time.
+``import dalle_data`` installs these, so ``import dalle_pytorch`` works afterwards:
+
+- taming-transformers 0.0.6 (imported by dalle_pytorch) imports
+  ``pytorch_lightning.utilities.distributed.rank_zero_only``, which moved to
+  ``pytorch_lightning.utilities.rank_zero`` in pytorch-lightning 1.8. An import hook
+  provides the old module on demand, so nothing heavy is imported until taming asks.
+- img2dataset imports wandb, and albumentations checks for updates, at import time:
+  both are told to stay offline.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import os
 import sys
-import types
+import warnings
 from types import ModuleType
 
-# Offline by default: wandb (imported by img2dataset) and albumentations (imported by
-# img2dataset's resizer) both try the network at import time.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+# dalle_pytorch/__init__.py imports pkg_resources only to read its own version.
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
-def _shim_pytorch_lightning() -> None:
-    """taming imports ``pytorch_lightning.utilities.distributed.rank_zero_only``, moved in PL 1.8."""
-    name = "pytorch_lightning.utilities.distributed"
-    if name in sys.modules:
-        return
-    try:
+_LEGACY_PL_MODULE = "pytorch_lightning.utilities.distributed"
+
+
+class _LegacyLightningFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serve the removed ``pytorch_lightning.utilities.distributed`` module."""
+
+    def find_spec(self, fullname, path=None, target=None):  # type: ignore[no-untyped-def]
+        if fullname != _LEGACY_PL_MODULE:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self)
+
+    def create_module(self, spec):  # type: ignore[no-untyped-def]
+        return None
+
+    def exec_module(self, module: ModuleType) -> None:
         from pytorch_lightning.utilities.rank_zero import rank_zero_only
-    except ImportError:  # pytorch-lightning absent: taming will fail with its own clear error
-        return
-    shim = types.ModuleType(name)
-    shim.rank_zero_only = rank_zero_only  # type: ignore[attr-defined]
-    sys.modules[name] = shim
+
+        module.rank_zero_only = rank_zero_only  # type: ignore[attr-defined]
 
 
-_shim_pytorch_lightning()
+if not any(isinstance(f, _LegacyLightningFinder) for f in sys.meta_path):
+    # Appended, so a pytorch-lightning that still ships the module wins.
+    sys.meta_path.append(_LegacyLightningFinder())
 
 
 def import_dalle_pytorch() -> ModuleType:
-    """Return the ``dalle_pytorch`` module, importable now that the shims are in place."""
+    """Return the ``dalle_pytorch`` module (importable once the shims above are in place)."""
     import dalle_pytorch
 
     return dalle_pytorch
