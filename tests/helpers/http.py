@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 Handler = Callable[[http.server.BaseHTTPRequestHandler], None]
@@ -63,10 +63,8 @@ class LocalServer:
                     self.send_header(key, value)
                 self.end_headers()
                 if send_body:
-                    try:
+                    with suppress(BrokenPipeError, ConnectionResetError):
                         self.wfile.write(body[start:end])
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass
 
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
                 self._answer(send_body=True)
@@ -116,6 +114,7 @@ def stall(seconds: float) -> Handler:
 
 def reset(req: http.server.BaseHTTPRequestHandler) -> None:
     """A handler that resets the TCP connection without answering."""
-    req.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    linger_zero = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER on, 0 s: send RST
+    req.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_zero)
     req.connection.close()
     req.close_connection = True
