@@ -1,0 +1,398 @@
+"""DALLE-pytorch checkpoints: safe load, legacy upgrade, model rebuild, atomic save.
+
+The file format is DALLE-pytorch 1.6.6 train_dalle.py's ``torch.save`` dict (see
+../shared/DESIGN.md, "Checkpoint contract"), so its generate.py and ``--dalle_path``
+read what we write. Loading never runs pickled code (``weights_only=True``). torch and
+dalle_pytorch are imported inside the functions that need them: ``dalle-data inspect``
+and the lineage code stay importable without paying for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import sys
+import tempfile
+from collections.abc import Mapping
+from decimal import Decimal
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dalle_data.atomic import atomic_path
+from dalle_data.lineage import (
+    Architecture,
+    LineageError,
+    Segment,
+    format_epochs,
+    format_lineage,
+    model_name,
+    parse_lineage,
+    parse_name,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+_FAMILIES = {"VQGanVAE": "taming", "OpenAIDiscreteVAE": "openai", "DiscreteVAE": "custom"}
+_REQUIRED = ("hparams", "vae_params", "weights")
+# The only persistent buffer DALLE 1.6.6 keeps (rotary frequencies): not a parameter.
+_BUFFERS = frozenset({"transformer.pos_emb"})
+_LOSS_PREFIX = "vae.model.loss."
+_AXIAL_LEGACY = re.compile(r"^(image_pos_emb\.weights)_(\d+)$")
+_DUMMY_LOSS = "taming.modules.losses.vqperceptual.DummyLoss"
+_VQGAN_CACHE = Path("~/.cache/dalle").expanduser()
+_VQGAN_DEFAULTS = ("vqgan.1024.model.ckpt", "vqgan.1024.config.yml")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or VQGAN file) that dalle-data cannot load, rebuild or save, and why."""
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a DALLE-pytorch checkpoint without running pickled code, upgraded to 1.6.6.
+
+    Legacy 2021 files (only ``hparams``, ``vae_params``, ``weights``) come back with
+    ``shift_tokens``/``rotary_emb`` set to False, axial position keys renamed, ``sparse``
+    layers as ``full`` and ``vae_class_name`` inferred from the weights.
+    """
+    path = Path(path)
+    ckpt = _safe_load(path, what="checkpoint")
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(ckpt).__name__}, not a DALLE-pytorch checkpoint dict "
+            "(expected keys hparams, vae_params, weights)"
+        )
+    missing = [key for key in _REQUIRED if key not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a DALLE-pytorch checkpoint: it has no {', '.join(missing)} "
+            f"(found keys: {', '.join(map(str, ckpt)) or 'none'})"
+        )
+    if not isinstance(ckpt["hparams"], dict):
+        raise CheckpointError(f"{path}: hparams is a {type(ckpt['hparams']).__name__}, not a dict")
+    if isinstance(ckpt["weights"], str):
+        raise CheckpointError(
+            f"{path} is a DeepSpeed auxiliary file without weights ({ckpt['weights']!r}); "
+            "consolidate the DeepSpeed checkpoint into a single .pt first"
+        )
+    if not isinstance(ckpt["weights"], dict):
+        raise CheckpointError(
+            f"{path}: weights is a {type(ckpt['weights']).__name__}, not a state dict"
+        )
+    return _upgrade(ckpt, path)
+
+
+def family(vae_class_name: str) -> str:
+    """The DALLE-models family folder of a VAE class: taming, openai or custom."""
+    try:
+        return _FAMILIES[vae_class_name]
+    except KeyError:
+        raise CheckpointError(
+            f"unknown VAE class {vae_class_name!r}; dalle-data knows "
+            f"{', '.join(f'{cls} ({fam})' for cls, fam in _FAMILIES.items())}"
+        ) from None
+
+
+def build_vae(
+    ckpt: Mapping[str, Any],
+    *,
+    vqgan_model_path: str | os.PathLike[str] | None = None,
+    vqgan_config_path: str | os.PathLike[str] | None = None,
+) -> nn.Module:
+    """The checkpoint's VAE: DiscreteVAE from ``vae_params``, VQGanVAE from local files.
+
+    Nothing is downloaded: a VQGAN comes from the given paths or the files DALLE-pytorch
+    caches in ~/.cache/dalle, and its training loss (LPIPS, which would fetch VGG16)
+    is replaced by taming's DummyLoss.
+    """
+    from dalle_data.compat import import_dalle_pytorch
+
+    dalle_pytorch = import_dalle_pytorch()
+    vae_class = ckpt.get("vae_class_name") or _infer_vae_class(ckpt)
+    family(vae_class)
+    if vae_class == "DiscreteVAE":
+        if not isinstance(ckpt["vae_params"], dict):
+            raise CheckpointError("a DiscreteVAE checkpoint needs vae_params as a dict")
+        try:
+            return dalle_pytorch.DiscreteVAE(**ckpt["vae_params"])
+        except TypeError as err:
+            raise CheckpointError(f"vae_params do not fit DiscreteVAE: {err}") from None
+    if vae_class == "OpenAIDiscreteVAE":
+        raise CheckpointError(
+            "this checkpoint uses OpenAI's discrete VAE, which DALLE-pytorch only builds on "
+            "torch<1.11 and downloads from the internet; dalle-data supports DiscreteVAE "
+            "(custom) and VQGanVAE (taming) checkpoints"
+        )
+    model_path, config_path = _vqgan_files(vqgan_model_path, vqgan_config_path)
+    state = _safe_load(model_path, what="VQGAN model")
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise CheckpointError(
+            f"VQGAN model {model_path} has no 'state_dict' key; DALLE-pytorch expects a taming "
+            "checkpoint saved as {'state_dict': model.state_dict(), ...}"
+        )
+    with tempfile.TemporaryDirectory(prefix="dalle-data-vqgan-") as tmp:
+        patched = _config_without_loss(config_path, Path(tmp) / config_path.name)
+        # VQGanVAE prints where it loaded from; keep stdout clean for --json callers.
+        with contextlib.redirect_stdout(sys.stderr):
+            return dalle_pytorch.VQGanVAE(str(model_path), str(patched))
+
+
+def build_dalle(
+    ckpt: Mapping[str, Any],
+    *,
+    vqgan_model_path: str | os.PathLike[str] | None = None,
+    vqgan_config_path: str | os.PathLike[str] | None = None,
+) -> nn.Module:
+    """DALLE rebuilt from ``hparams`` (never from a file name), weights loaded strictly."""
+    from dalle_data.compat import import_dalle_pytorch
+
+    dalle_pytorch = import_dalle_pytorch()
+    vae = build_vae(ckpt, vqgan_model_path=vqgan_model_path, vqgan_config_path=vqgan_config_path)
+    try:
+        dalle = dalle_pytorch.DALLE(vae=vae, **ckpt["hparams"])
+    except TypeError as err:
+        raise CheckpointError(f"hparams do not fit DALLE-pytorch 1.6.6's DALLE: {err}") from None
+    try:
+        dalle.load_state_dict(ckpt["weights"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"the checkpoint's weights do not match the model its hparams describe: {err}"
+        ) from None
+    return dalle
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    hparams: Mapping[str, Any],
+    vae_params: Mapping[str, Any] | None,
+    vae_class_name: str,
+    weights: Mapping[str, Any],
+    epoch: int,
+    opt_state: Mapping[str, Any] | None,
+    scheduler_state: Mapping[str, Any] | None,
+    lineage: Mapping[str, Any],
+    tokenizer: Mapping[str, Any],
+    version: str | None = None,
+) -> None:
+    """Write train_dalle.py's dict plus ``lineage`` and ``tokenizer``, atomically.
+
+    ``lineage`` and ``tokenizer`` must be plain data (dict, list, str, int, float, bool,
+    None) so that ``weights_only`` loading, ours and everyone's, accepts them.
+    ``lineage["segments"]`` is the lineage string (``format_lineage``) the name uses.
+    """
+    import torch
+
+    family(vae_class_name)
+    for key, value in (("hparams", hparams), ("lineage", lineage), ("tokenizer", tokenizer)):
+        _check_plain(value, key)
+    if vae_params is not None:
+        _check_plain(vae_params, "vae_params")
+    segments = lineage.get("segments")
+    if segments is not None:
+        try:
+            parse_lineage(segments)
+        except (LineageError, TypeError) as err:
+            raise CheckpointError(f"lineage['segments'] {segments!r} is invalid: {err}") from None
+    obj = {
+        "hparams": dict(hparams),
+        "vae_params": None if vae_params is None else dict(vae_params),
+        "epoch": epoch,
+        "version": version or package_version("dalle-pytorch"),
+        "vae_class_name": vae_class_name,
+        "weights": dict(weights),
+        "opt_state": opt_state,
+        "scheduler_state": scheduler_state,
+        "lineage": dict(lineage),
+        "tokenizer": dict(tokenizer),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def lineage_segments(ckpt: Mapping[str, Any]) -> tuple[Segment, ...] | None:
+    """The segments recorded in the checkpoint's ``lineage`` key, or None if it has none."""
+    lineage = ckpt.get("lineage")
+    if lineage is None:
+        return None
+    segments = lineage.get("segments") if isinstance(lineage, dict) else None
+    if not isinstance(segments, str):
+        raise CheckpointError(
+            f"the checkpoint's lineage key has no 'segments' string (got {lineage!r:.200})"
+        )
+    try:
+        return parse_lineage(segments)
+    except LineageError as err:
+        raise CheckpointError(f"the checkpoint's lineage is invalid: {err}") from None
+
+
+def summary(ckpt: Mapping[str, Any], *, file_name: str | None = None) -> dict[str, Any]:
+    """What ``inspect`` and model cards show: architecture, VAE, lineage, epochs, size, name.
+
+    The lineage comes from the checkpoint's ``lineage`` key; without one (a checkpoint
+    from plain DALLE-pytorch), from ``file_name`` if that parses as a lineage name.
+    """
+    try:
+        arch = Architecture.from_hparams(ckpt["hparams"])
+    except LineageError as err:
+        raise CheckpointError(f"cannot name this checkpoint: {err}") from None
+    vae_class = ckpt.get("vae_class_name") or _infer_vae_class(ckpt)
+    segments = lineage_segments(ckpt)
+    lineage_source = "lineage key"
+    if segments is None:
+        segments, lineage_source = _segments_from_file_name(file_name)
+    weights = ckpt["weights"]
+    dalle_params = sum(
+        t.numel() for k, t in weights.items() if not k.startswith("vae.") and k not in _BUFFERS
+    )
+    total_epochs = sum((seg.epochs for seg in segments), Decimal(0))
+    lineage = ckpt.get("lineage")
+    return {
+        "name": model_name(arch, segments),
+        "family": family(vae_class),
+        "architecture": str(arch),
+        "hparams": {field: getattr(arch, field) for field in arch.__dataclass_fields__},
+        "vae_class_name": vae_class,
+        "lineage": format_lineage(segments),
+        "lineage_source": lineage_source,
+        "epochs": format_epochs(total_epochs) if segments else "0",
+        "epoch": ckpt.get("epoch"),
+        "parameters": dalle_params,
+        "vae_parameters": sum(t.numel() for k, t in weights.items() if k.startswith("vae.")),
+        "dalle_pytorch_version": ckpt.get("version"),
+        "history": lineage.get("history") if isinstance(lineage, dict) else None,
+    }
+
+
+def _segments_from_file_name(file_name: str | None) -> tuple[tuple[Segment, ...], str]:
+    if file_name is None:
+        return (), "none (no lineage key)"
+    try:
+        return parse_name(file_name).lineage, "file name"
+    except LineageError:
+        return (), "none (no lineage key, file name does not parse)"
+
+
+def _safe_load(path: Path, *, what: str) -> Any:
+    import torch
+
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist or is not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if needs:
+            raise CheckpointError(
+                f"refusing {what} {path}: loading it would run pickled code ({needs.group(1)}); "
+                "dalle-data loads only tensors and plain data. If you trust the file, re-save "
+                "its tensors and plain values with torch.save in your own Python session"
+            ) from None
+        raise CheckpointError(f"{what} {path} is not a readable torch file: {err}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{what} {path} is not a readable torch file: {err}") from None
+
+
+def _upgrade(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A copy of ``ckpt`` in DALLE-pytorch 1.6.6's format (legacy keys renamed)."""
+    hparams = dict(ckpt["hparams"])
+    # 1.6.6 turned both on by default; models saved before they existed had neither.
+    hparams.setdefault("shift_tokens", False)
+    hparams.setdefault("rotary_emb", False)
+    attn_types = hparams.get("attn_types")
+    if attn_types is not None:
+        # DALLE-pytorch's 'sparse' needs DeepSpeed's CUDA kernel; its parameters are those
+        # of full attention, so the same weights run with a dense causal pattern.
+        as_tuple = (attn_types,) if isinstance(attn_types, str) else tuple(attn_types)
+        hparams["attn_types"] = tuple("full" if t == "sparse" else t for t in as_tuple)
+    weights = {}
+    for key, tensor in ckpt["weights"].items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: weights has a non-string key {key!r}")
+        if key.startswith(_LOSS_PREFIX):
+            continue
+        weights[_AXIAL_LEGACY.sub(r"\1.\2", key)] = tensor
+    upgraded = {**ckpt, "hparams": hparams, "weights": weights}
+    if not upgraded.get("vae_class_name"):
+        upgraded["vae_class_name"] = _infer_vae_class(upgraded)
+    return upgraded
+
+
+def _infer_vae_class(ckpt: Mapping[str, Any]) -> str:
+    """Legacy files have no vae_class_name; their weights (which include the VAE's) tell."""
+    if ckpt.get("vae_params") is not None:
+        return "DiscreteVAE"
+    keys = ckpt["weights"].keys()
+    if any(k.startswith("vae.model.") for k in keys):
+        return "VQGanVAE"
+    if any(k.startswith(("vae.enc.", "vae.dec.")) for k in keys):
+        return "OpenAIDiscreteVAE"
+    raise CheckpointError(
+        "cannot tell which VAE this checkpoint uses: no vae_class_name, no vae_params and "
+        "no vae.* weights"
+    )
+
+
+def _vqgan_files(
+    model_path: str | os.PathLike[str] | None, config_path: str | os.PathLike[str] | None
+) -> tuple[Path, Path]:
+    if (model_path is None) != (config_path is None):
+        raise CheckpointError(
+            "pass both --vqgan-model-path and --vqgan-config-path (a VQGAN needs its "
+            "weights and its taming config), or neither to use ~/.cache/dalle"
+        )
+    if model_path is not None and config_path is not None:
+        return Path(model_path), Path(config_path)
+    cached = tuple(_VQGAN_CACHE / name for name in _VQGAN_DEFAULTS)
+    if not all(p.is_file() for p in cached):
+        raise CheckpointError(
+            "this checkpoint uses a VQGAN (taming) VAE and dalle-data never downloads one: "
+            "pass --vqgan-model-path and --vqgan-config-path, or place "
+            f"{cached[0]} and {cached[1]} there"
+        )
+    return cached
+
+
+def _config_without_loss(config_path: Path, out: Path) -> Path:
+    """A copy of the taming config whose loss is DummyLoss (LPIPS would download VGG16)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not config_path.is_file():
+        raise CheckpointError(f"VQGAN config {config_path} does not exist or is not a file")
+    try:
+        config = OmegaConf.load(config_path)
+        params = config.model.params
+    except (OmegaConfBaseException, OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(
+            f"VQGAN config {config_path} is not a taming config with model.params: {err}"
+        ) from None
+    params.lossconfig = {"target": _DUMMY_LOSS}
+    # A ckpt_path inside the config points at the trainer's machine; the weights come
+    # from the model file instead.
+    params.pop("ckpt_path", None)
+    OmegaConf.save(config, out)
+    return out
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse values ``torch.load(weights_only=True)`` would reject, naming where they are."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str | int):
+                raise CheckpointError(f"{where} has a key {key!r} that is not a str or int")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+        return
+    raise CheckpointError(
+        f"{where} is a {type(value).__name__}; checkpoints keep only plain data (dict, list, "
+        "tuple, str, int, float, bool, None) so they load without running code"
+    )
