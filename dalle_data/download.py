@@ -1,0 +1,327 @@
+"""Image download with img2dataset: a plan of independent parts, one img2dataset run per part.
+
+A part is the unit of work a cluster schedules and a failure reruns. A finished part is
+renamed into place (``downloaded/part-NNNNN/``) only after every img2dataset shard in it
+has its ``_stats.json``; an interrupted part resumes from its ``.partial`` folder, where
+img2dataset's incremental mode skips the shards that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dalle_data.atomic import atomic_path, write_json
+
+# Pillow refuses images above 2 x 89,478,485 px and warns above 89,478,485 (its
+# MAX_IMAGE_PIXELS); img2dataset decodes with OpenCV, whose own limit (2**30 px) would let a
+# 20000 x 20000 PNG allocate gigabytes. OpenCV reads this variable once, when cv2 loads, so it
+# is set before img2dataset (and cv2) are imported here and in the worker processes it spawns.
+MAX_IMAGE_PIXELS = 89_478_485
+os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(MAX_IMAGE_PIXELS)
+
+PLAN = "plan.json"
+# Not *.json: img2dataset takes every JSON file in its output folder for a shard's stats.
+PARAMS = "dalle_data.params"
+REFUSED = "refused.parquet"
+PART_COLUMNS = ["row_id", "url", "caption", "license"]
+MAX_SAMPLES_PER_SHARD = 10_000
+WEB_SCHEMES = ("http://", "https://")
+
+
+class DownloadError(ValueError):
+    """A download input or outcome a user must act on; the message names it and the fix."""
+
+
+def part_name(index: int) -> str:
+    """`part-NNNNN`, the name of a download part (its parquet and its output folder)."""
+    return f"part-{index:05d}"
+
+
+def plan_download(
+    filtered: Path, plan_dir: Path, *, rows_per_part: int, allow_file_urls: bool
+) -> dict[str, Any]:
+    """Split ``filtered.parquet`` into parts of ``rows_per_part`` rows under ``plan_dir``.
+
+    Rows whose URL is not http(s) are refused here unless ``allow_file_urls`` (the filter
+    stage drops them already; this keeps a web dataset from reading local files even if a
+    hand-made metadata table slips through). They are kept in ``refused.parquet`` and
+    counted under ``file_url_refused``.
+    """
+    if rows_per_part < 1:
+        raise DownloadError(f"download.rows_per_part must be at least 1, got {rows_per_part}")
+    try:
+        source = pq.ParquetFile(filtered)
+    except (FileNotFoundError, pa.ArrowInvalid) as err:
+        raise DownloadError(f"cannot read {filtered} ({err}): run the filter stage first") from None
+    missing = [c for c in PART_COLUMNS if c not in source.schema_arrow.names]
+    if missing:
+        raise DownloadError(f"{filtered} lacks columns {missing}: rebuild it with the filter stage")
+    parts_dir = plan_dir / "parts"
+    if parts_dir.exists():
+        shutil.rmtree(parts_dir)
+    parts_dir.mkdir(parents=True)
+    parts: list[dict[str, Any]] = []
+    refused: list[pa.Table] = []
+    pending: list[pa.Table] = []
+    pending_rows = rows = 0
+    previous = -1
+
+    def flush(table: pa.Table) -> None:
+        name = part_name(len(parts))
+        with atomic_path(parts_dir / f"{name}.parquet") as tmp:
+            pq.write_table(table, tmp)
+        parts.append({"name": name, "rows": table.num_rows})
+
+    for batch in source.iter_batches(columns=PART_COLUMNS, batch_size=65_536):
+        table = pa.Table.from_batches([batch])
+        ids = table.column("row_id").to_pylist()
+        if ids and (ids[0] <= previous or any(b <= a for a, b in zip(ids, ids[1:], strict=False))):
+            raise DownloadError(
+                f"{filtered} is not sorted by unique row_id: rebuild it with the filter stage"
+            )
+        previous = ids[-1] if ids else previous
+        rows += table.num_rows
+        if not allow_file_urls:
+            web = pa.array(
+                [
+                    isinstance(u, str) and u.startswith(WEB_SCHEMES)
+                    for u in table.column("url").to_pylist()
+                ]
+            )
+            refused.append(table.filter(pa.compute.invert(web)).select(["row_id", "url"]))
+            table = table.filter(web)
+        pending.append(table)
+        pending_rows += table.num_rows
+        while pending_rows >= rows_per_part:
+            merged = pa.concat_tables(pending)
+            flush(merged.slice(0, rows_per_part))
+            rest = merged.slice(rows_per_part)
+            pending, pending_rows = [rest], rest.num_rows
+    if pending_rows:
+        flush(pa.concat_tables(pending))
+    refused_table = (
+        pa.concat_tables(refused)
+        if refused
+        else pa.table({"row_id": pa.array([], pa.int64()), "url": pa.array([], pa.string())})
+    )
+    with atomic_path(plan_dir / REFUSED) as tmp:
+        pq.write_table(refused_table, tmp)
+    plan = {
+        "input_rows": rows,
+        "parts": parts,
+        "refused": {"file_url_refused": refused_table.num_rows} if refused_table.num_rows else {},
+        "rows_per_part": rows_per_part,
+    }
+    write_json(plan_dir / PLAN, plan)
+    return plan
+
+
+def read_plan(plan_dir: Path) -> dict[str, Any]:
+    """Load ``plan.json`` written by :func:`plan_download`."""
+    path = plan_dir / PLAN
+    if not path.is_file():
+        raise DownloadError(f"{path} does not exist: run `dalle-data plan-download` first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    """The img2dataset options dalle-data sets from config (``download.*``, ``image_size``)."""
+
+    image_size: int
+    processes: int = 1
+    thread_count: int = 32
+    timeout: float = 10
+    retries: int = 0
+    min_image_size: int = 64
+    max_aspect_ratio: float = 3.0
+    distributor: str = "multiprocessing"
+    user_agent_token: str = "dalle-data"
+
+    @classmethod
+    def from_config(
+        cls, download: dict[str, Any], *, image_size: int, processes: int
+    ) -> DownloadSettings:
+        keys = (
+            "thread_count",
+            "timeout",
+            "retries",
+            "min_image_size",
+            "max_aspect_ratio",
+            "distributor",
+            "user_agent_token",
+        )
+        return cls(
+            image_size=image_size,
+            processes=processes,
+            **{k: download[k] for k in keys if k in download},
+        )
+
+    def output_affecting(self) -> dict[str, Any]:
+        """Settings that change what lands in a part (a resumed part must share them)."""
+        return {
+            "image_size": self.image_size,
+            "min_image_size": self.min_image_size,
+            "max_aspect_ratio": self.max_aspect_ratio,
+            "max_image_pixels": MAX_IMAGE_PIXELS,
+        }
+
+
+def download_part(part: Path, out_dir: Path, settings: DownloadSettings) -> dict[str, Any]:
+    """Run img2dataset on one part parquet into ``out_dir`` (renamed into place when complete)."""
+    import img2dataset
+
+    rows = pq.read_metadata(part).num_rows
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    params_path = partial / PARAMS
+    params = {"part": part.name, "rows": rows, **settings.output_affecting()}
+    if partial.exists() and (
+        not params_path.is_file() or json.loads(params_path.read_text()) != params
+    ):
+        shutil.rmtree(partial)  # left by a run with other settings: its shards do not apply
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json(params_path, params)
+    per_shard = max(1, min(MAX_SAMPLES_PER_SHARD, math.ceil(rows / max(1, settings.processes))))
+    img2dataset.download(
+        url_list=str(part),
+        input_format="parquet",
+        url_col="url",
+        save_additional_columns=["row_id", "license"],
+        output_folder=str(partial),
+        output_format="webdataset",
+        image_size=settings.image_size,
+        resize_mode="keep_ratio",
+        # Small images are upscaled too: every stored image has the configured shorter side,
+        # which DALLE-pytorch's crop expects; min_image_size refuses the truly tiny ones.
+        resize_only_if_bigger=False,
+        encode_format="jpg",
+        encode_quality=95,
+        min_image_size=settings.min_image_size,
+        max_aspect_ratio=settings.max_aspect_ratio,
+        timeout=settings.timeout,
+        retries=settings.retries,
+        processes_count=settings.processes,
+        thread_count=settings.thread_count,
+        number_sample_per_shard=per_shard,
+        distributor=settings.distributor,
+        user_agent_token=settings.user_agent_token,
+        extract_exif=False,
+        compute_hash="sha256",
+        enable_wandb=False,
+        incremental_mode="incremental",
+    )
+    expected = math.ceil(rows / per_shard)
+    done = sorted(partial.glob("*_stats.json"))
+    if len(done) != expected:
+        raise DownloadError(
+            f"img2dataset finished {len(done)} of {expected} shards of {part} (see the log): "
+            "rerun the download; finished shards in "
+            f"{partial} are reused"
+        )
+    shutil.rmtree(partial / "_tmp", ignore_errors=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(partial, out_dir)
+    stats = Counter()
+    for path in done:
+        record = json.loads((out_dir / path.name).read_text())
+        stats["count"] += record["count"]
+        stats["successes"] += record["successes"]
+    return {"part": part.name, "rows": rows, **stats}
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """img2dataset's outcome for one row of a part."""
+
+    row_id: int
+    ok: bool
+    reason: str | None
+    error: str | None
+    shard: str | None
+    key: str | None
+    sha256: str | None
+    original_width: int | None
+    original_height: int | None
+
+
+def read_part_results(part_dir: Path) -> dict[int, RowResult]:
+    """Per row_id, what img2dataset recorded in a finished part's ``*.parquet`` files."""
+    results: dict[int, RowResult] = {}
+    columns = [
+        "row_id",
+        "key",
+        "status",
+        "error_message",
+        "sha256",
+        "original_width",
+        "original_height",
+    ]
+    for path in sorted(part_dir.glob("*.parquet")):
+        table = pq.read_table(path, columns=columns).to_pylist()
+        for row in table:
+            ok = row["status"] == "success"
+            results[row["row_id"]] = RowResult(
+                row_id=row["row_id"],
+                ok=ok,
+                reason=None if ok else failure_reason(row["error_message"]),
+                error=None if ok else row["error_message"],
+                shard=path.with_suffix(".tar").name,
+                key=row["key"],
+                sha256=row["sha256"],
+                original_width=row["original_width"],
+                original_height=row["original_height"],
+            )
+    return results
+
+
+_HTTP = re.compile(r"HTTP Error (\d{3})")
+_REASONS: list[tuple[str, tuple[str, ...]]] = [
+    ("too_many_redirects", ("redirect error that would lead to an infinite loop",)),
+    ("x_robots_tag_opt_out", ("X-Robots-Tag",)),
+    ("decompression_bomb", ("CV_IO_MAX_IMAGE_PIXELS", "image area too large")),
+    ("image_too_small", ("image too small",)),
+    ("aspect_ratio", ("aspect ratio too large",)),
+    ("decode_error", ("Image decoding error", "imdecode", "buf.empty()")),
+    ("timeout", ("timed out", "timeout")),
+    ("file_url_refused", ("unknown url type",)),
+    (
+        "connection_error",
+        (
+            "Connection reset",
+            "Connection refused",
+            "Remote end closed connection",
+            "IncompleteRead",
+            "urlopen error",
+            "Connection aborted",
+            "BadStatusLine",
+        ),
+    ),
+]
+
+
+def failure_reason(message: str | None) -> str:
+    """A small, stable reason name for img2dataset's free-text ``error_message``."""
+    text = message or ""
+    for reason, needles in _REASONS:
+        if any(n.lower() in text.lower() for n in needles):
+            return reason
+    match = _HTTP.search(text)
+    if match:
+        code = int(match.group(1))
+        if code == 404:
+            return "http_404"
+        return "http_5xx" if code >= 500 else f"http_{code}"
+    short = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40]
+    return f"other:{short or 'unknown'}"

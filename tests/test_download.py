@@ -1,0 +1,293 @@
+"""Download + finalize against a hostile local server: every bad URL counted, every good kept."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dalle_data.download import (
+    DownloadSettings,
+    download_part,
+    failure_reason,
+    plan_download,
+    read_plan,
+)
+from dalle_data.manifest import read_manifest, verify
+from dalle_data.shards import finalize, read_shard, row_key
+from tests.helpers.http import LocalServer, Route, reset, serve, stall
+
+TIMEOUT = 1.0
+IMAGE_SIZE = 64
+
+
+def image_bytes(mode: str, size: tuple[int, int], fmt: str, seed: int = 0) -> bytes:
+    """A small noisy image (noise keeps JPEG sizes realistic and images distinct)."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    image = rgb.convert(mode) if mode != "P" else rgb.quantize(16)
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def png_bomb(side: int = 20_000) -> bytes:
+    """A valid 1-bit PNG of side x side pixels (400 Mpx at 20000) in ~50 KB, built in ~0.2 s."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    row = b"\0" * (1 + side // 8)
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def redirect(location: str, status: int = 302) -> Route:
+    return Route(status=status, headers={"Location": location})
+
+
+def good_routes() -> dict[str, Route]:
+    jpeg = {"Content-Type": "image/jpeg"}
+    return {
+        "/good.jpg": Route(image_bytes("RGB", (120, 90), "JPEG", 1), headers=jpeg),
+        "/rgba.png": Route(image_bytes("RGBA", (100, 100), "PNG", 2)),
+        "/palette.png": Route(image_bytes("P", (90, 120), "PNG", 3)),
+        "/good.webp": Route(image_bytes("RGB", (130, 100), "WEBP", 4)),
+        "/cmyk.jpg": Route(image_bytes("CMYK", (100, 80), "JPEG", 5), headers=jpeg),
+        "/grey.jpg": Route(image_bytes("L", (80, 100), "JPEG", 6), headers=jpeg),
+        "/moved.jpg": redirect("/target.jpg"),
+        "/target.jpg": Route(image_bytes("RGB", (100, 100), "JPEG", 7), headers=jpeg),
+    }
+
+
+GOOD = [
+    "/good.jpg",
+    "/rgba.png",
+    "/palette.png",
+    "/good.webp",
+    "/cmyk.jpg",
+    "/grey.jpg",
+    "/moved.jpg",
+]
+
+BAD = {
+    "/missing.jpg": "http_404",
+    "/error.jpg": "http_5xx",
+    "/stall.jpg": "timeout",
+    "/reset.jpg": "connection_error",
+    "/loop.jpg": "too_many_redirects",
+    "/page.jpg": "decode_error",
+    "/empty.jpg": "decode_error",
+    "/truncated.jpg": "decode_error",
+    "/text.jpg": "decode_error",
+    "/tiny.jpg": "image_too_small",
+    "/wide.jpg": "aspect_ratio",
+    "/bomb.png": "decompression_bomb",
+    "/junk.jpg": "decode_error",
+    "/noai.jpg": "x_robots_tag_opt_out",
+}
+
+
+def hostile_routes() -> dict[str, Route]:
+    good = image_bytes("RGB", (120, 90), "JPEG", 8)
+    return {
+        "/error.jpg": Route(b"oops", status=500),
+        "/stall.jpg": Route(handler=stall(TIMEOUT + 2)),
+        "/reset.jpg": Route(handler=reset),
+        "/loop.jpg": redirect("/loop.jpg"),
+        "/page.jpg": Route(
+            b"<html><body>not an image</body></html>", headers={"Content-Type": "text/html"}
+        ),
+        "/empty.jpg": Route(b""),
+        "/truncated.jpg": Route(good[: len(good) // 2]),
+        "/text.jpg": Route(b"this is a text file with a .jpg name\n"),
+        "/tiny.jpg": Route(image_bytes("RGB", (8, 8), "JPEG", 9)),
+        "/wide.jpg": Route(image_bytes("RGB", (400, 100), "JPEG", 10)),
+        "/bomb.png": Route(png_bomb(), headers={"Content-Type": "image/png"}),
+        "/junk.jpg": Route(os.urandom(60 * 2**20)),
+        "/noai.jpg": Route(good, headers={"X-Robots-Tag": "noai"}),
+    }
+
+
+def write_metadata(ds_dir: Path, rows: list[dict[str, Any]], dropped: dict[str, int]) -> None:
+    """What the metadata stages hand over: filtered.parquet and the two stage records."""
+    meta = ds_dir / "metadata"
+    meta.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "row_id": pa.array([r["row_id"] for r in rows], pa.int64()),
+            "url": [r["url"] for r in rows],
+            "caption": [r["caption"] for r in rows],
+            "license": [r.get("license") for r in rows],
+            "width": pa.array([None] * len(rows), pa.int32()),
+            "height": pa.array([None] * len(rows), pa.int32()),
+        }
+    )
+    pq.write_table(table, meta / "filtered.parquet")
+    n, d = len(rows), sum(dropped.values())
+    normalize = {
+        "input_rows": n + d,
+        "dropped": dropped,
+        "output_rows": n,
+        "sources": ["x"],
+        "seconds": 1,
+    }
+    (meta / "normalize.json").write_text(json.dumps(normalize))
+    (meta / "filter.json").write_text(
+        json.dumps({"input_rows": n, "dropped": {}, "output_rows": n})
+    )
+
+
+def build(
+    ds_dir: Path, *, rows_per_part: int, allow_file_urls: bool = False, shard_size: int = 4
+) -> dict:
+    """plan-download -> download per part -> finalize, through the library functions."""
+    plan = plan_download(
+        ds_dir / "metadata" / "filtered.parquet",
+        ds_dir / "download",
+        rows_per_part=rows_per_part,
+        allow_file_urls=allow_file_urls,
+    )
+    settings = DownloadSettings(
+        image_size=IMAGE_SIZE, processes=1, thread_count=16, timeout=TIMEOUT
+    )
+    for part in plan["parts"]:
+        download_part(
+            ds_dir / "download" / "parts" / f"{part['name']}.parquet",
+            ds_dir / "downloaded" / part["name"],
+            settings,
+        )
+    return finalize(
+        ds_dir,
+        dataset="test",
+        tokenizer_spec="simple",
+        image_size=IMAGE_SIZE,
+        shard_size=shard_size,
+    )
+
+
+@pytest.fixture(scope="module")
+def hostile(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[LocalServer, list[dict], Path]]:
+    with serve({**good_routes(), **hostile_routes()}) as server:
+        secret = tmp_path_factory.mktemp("local") / "secret.jpg"
+        secret.write_bytes(image_bytes("RGB", (100, 100), "JPEG", 11))
+        paths = sorted(GOOD + list(BAD))
+        rows = [
+            {
+                "row_id": 1000 + 13 * i,
+                "url": server.url(p),
+                "caption": f"a picture of {p[1:]}",
+                "license": "cc-by",
+            }
+            for i, p in enumerate(paths)
+        ]
+        rows.append(
+            {"row_id": 5000, "url": secret.as_uri(), "caption": "a local file", "license": None}
+        )
+        ds_dir = tmp_path_factory.mktemp("hostile") / "test"
+        write_metadata(ds_dir, rows, {"empty_caption": 3})
+        build(ds_dir, rows_per_part=11)
+        yield server, rows, ds_dir
+
+
+def test_every_row_is_written_or_counted(hostile: tuple[LocalServer, list[dict], Path]) -> None:
+    _, rows, ds_dir = hostile
+    manifest = read_manifest(ds_dir / "shards")
+    expected: dict[str, int] = {}
+    for reason in BAD.values():
+        expected[reason] = expected.get(reason, 0) + 1
+    expected["file_url_refused"] = 1
+    assert manifest["counts"] == {
+        "input_rows": len(rows) + 3,
+        "dropped": {"empty_caption": 3},
+        "failed": dict(sorted(expected.items())),
+        "written": len(GOOD),
+    }
+    failures = pq.read_table(ds_dir / "shards" / "failures.parquet").to_pylist()
+    by_url = {f["url"].rsplit("/", 1)[-1]: f["reason"] for f in failures}
+    assert by_url == {**{p[1:]: r for p, r in BAD.items()}, "secret.jpg": "file_url_refused"}
+    assert all(f["error"] for f in failures)
+    assert verify(ds_dir / "shards", retokenize=3)["samples"] == len(GOOD)
+
+
+def test_good_images_present_with_metadata(hostile: tuple[LocalServer, list[dict], Path]) -> None:
+    server, rows, ds_dir = hostile
+    samples = [
+        s for shard in sorted((ds_dir / "shards").glob("test-*.tar")) for s in read_shard(shard)
+    ]
+    by_path = {r["url"].replace(server.url(""), ""): r for r in rows}
+    wanted = [by_path[p] for p in sorted(GOOD)]
+    assert [s["__key__"] for s in samples] == [row_key(r["row_id"]) for r in wanted]
+    originals = good_routes()
+    for sample, row, path in zip(samples, wanted, sorted(GOOD), strict=True):
+        meta = json.loads(sample["json"])
+        body = originals["/target.jpg" if path == "/moved.jpg" else path].body
+        source = Image.open(io.BytesIO(body))
+        assert meta["sha256"] == __import__("hashlib").sha256(body).hexdigest()
+        assert (meta["original_width"], meta["original_height"]) == source.size
+        assert (meta["url"], meta["row_id"], meta["caption"], meta["license"]) == (
+            row["url"],
+            row["row_id"],
+            row["caption"],
+            "cc-by",
+        )
+        assert sample["txt"].decode() == row["caption"]
+        stored = Image.open(io.BytesIO(sample["jpg"]))
+        assert stored.format == "JPEG" and min(stored.size) == IMAGE_SIZE
+
+
+def test_file_url_of_web_dataset_never_reaches_img2dataset(
+    hostile: tuple[LocalServer, list[dict], Path],
+) -> None:
+    _, _, ds_dir = hostile
+    plan = read_plan(ds_dir / "download")
+    assert plan["refused"] == {"file_url_refused": 1}
+    for part in (ds_dir / "download" / "parts").glob("*.parquet"):
+        assert not any(u.startswith("file:") for u in pq.read_table(part).column("url").to_pylist())
+    for status in (ds_dir / "downloaded").glob("part-*/*.parquet"):
+        assert not any(
+            u.startswith("file:") for u in pq.read_table(status).column("url").to_pylist()
+        )
+
+
+def test_no_partial_folders_left(hostile: tuple[LocalServer, list[dict], Path]) -> None:
+    _, _, ds_dir = hostile
+    names = sorted(p.name for p in (ds_dir / "downloaded").iterdir())
+    assert names == ["part-00000", "part-00001"]
+    assert not list((ds_dir / "shards").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("HTTP Error 404: Not Found", "http_404"),
+        ("HTTP Error 503: Service Unavailable", "http_5xx"),
+        ("HTTP Error 403: Forbidden", "http_403"),
+        ("<urlopen error timed out>", "timeout"),
+        ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
+        ("<urlopen error unknown url type: ftp>", "file_url_refused"),
+        ("something odd happened!", "other:something_odd_happened"),
+        (None, "other:unknown"),
+    ],
+)
+def test_failure_reason(message: str | None, reason: str) -> None:
+    assert failure_reason(message) == reason
