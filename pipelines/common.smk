@@ -29,3 +29,14 @@ def verified(dataset):
     """The record `dalle-data verify` writes once a dataset's shards check out."""
     ds_config(dataset)
     return f"{ds_dir(dataset)}/shards/verify.json"
+
+
+def dataset_image_size(dataset):
+    """Shorter side of stored images: the dataset's own `image_size`, else the global one."""
+    return ds_config(dataset).get("image_size") or config["image_size"]
+
+
+def tokenizer_input(dataset):
+    """The tokenizer file a shard rule must wait for (none for the built-in `simple`)."""
+    spec = ddconfig.dataset_tokenizer(config, dataset)
+    return [spec.split(":", 1)[1]] if ":" in spec else []
