@@ -47,3 +47,57 @@ def write_tiny_shards(
 ) -> list[dict]:
     """Shards of ``n`` tiny samples in ``out_dir``; returns write_shards' records."""
     return write_shards(samples(n, size=size), out_dir, dataset=dataset, shard_size=shard_size)
+
+
+TINY_PRESET = """\
+vae:
+  class: DiscreteVAE
+  params: {image_size: 32, num_tokens: 32, codebook_dim: 32, num_layers: 3, hidden_dim: 16}
+  train: {steps: 4, batch_size: 8, learning_rate: 0.001}
+dalle: {dim: 32, depth: 1, heads: 2, dim_head: 16, text_seq_len: 8, attn_types: [full]}
+"""
+
+
+def write_tokenizer(path: Path, vocab_size: int = 32) -> str:
+    """A word-level Hugging Face tokenizer.json over the tiny captions; returns its spec."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[PAD]", "a", *COLOURS, "square", "circle"]
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[PAD]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return f"hug:{path}"
+
+
+def write_dataset(
+    root: Path,
+    n: int,
+    shard_size: int,
+    *,
+    dataset: str = "tiny",
+    image_size: int = 32,
+    tokenizer: str | None = None,
+) -> Path:
+    """``<root>/<dataset>/shards`` with shards and a manifest, as finalize would leave them."""
+    from dalle_data import tokenizers
+    from dalle_data.manifest import write_manifest
+
+    spec = tokenizer or write_tokenizer(root / "tokenizer.json")
+    shards_dir = root / dataset / "shards"
+    records = write_tiny_shards(shards_dir, n, shard_size, dataset=dataset)
+    write_manifest(
+        shards_dir,
+        dataset=dataset,
+        tokenizer=tokenizers.load(spec).record(),
+        image_size=image_size,
+        shards=records,
+        counts={"input_rows": n, "dropped": {}, "failed": {}, "written": n},
+    )
+    return shards_dir
+
+
+def write_preset(path: Path, text: str = TINY_PRESET) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,512 @@
+"""``train-extend``: continue a DALLE-pytorch checkpoint on shards and name it by lineage.
+
+Training is train_dalle.py's (Adam, clip_grad_norm, ``dalle(text, images,
+return_loss=True)``) on batches from :mod:`dalle_data.loader`. Everything that can be
+wrong with the inputs is checked before the first step. Step checkpoints make a run
+resumable after kill -9: the data order is a function of ``(seed, epoch)``, so the
+resumed run sees exactly the batches the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dalle_data import lineage as lin
+from dalle_data.atomic import atomic_path, write_json
+from dalle_data.hashing import sha256_bytes, sha256_file
+from dalle_data.loader import LoaderSpec, ShardRef, batches, steps_per_epoch
+from dalle_data.manifest import MANIFEST, ManifestError, read_manifest, verify
+
+DEFAULT_PROMPTS = (
+    "An armchair in the shape of an avocado. An armchair imitating an avocado.",
+    "A red tshirt with a black circle drawn on it.",
+    "People playing soccer on a field.",
+)
+RUNS_DIR = ".runs"
+STEP_CHECKPOINTS_KEPT = 2
+
+
+class TrainError(ValueError):
+    """An input that cannot be trained on; the message names it and says what to do."""
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """The options of ``dalle-data train-extend`` (see its --help)."""
+
+    parent: Path
+    shards: tuple[Path, ...]
+    epochs: Decimal
+    output_dir: Path
+    batch_size: int = 16
+    learning_rate: float = 3e-4
+    clip_grad_norm: float = 0.5
+    max_steps: int | None = None
+    save_every_n_steps: int = 1000
+    seed: int = 0
+    num_workers: int = 0
+    vqgan_model_path: Path | None = None
+    vqgan_config_path: Path | None = None
+    parent_lineage: str | None = None
+    skip_corrupt: bool = False
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    samples_per_prompt: int = 4
+    evaluate_colours: bool = False
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a torchrun job (world 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The training data: one dataset, possibly from several --shards folders."""
+
+    dataset: str
+    shards: tuple[ShardRef, ...]
+    manifest_sha256: tuple[str, ...]
+    tokenizer: dict[str, Any]
+    image_size: int
+    corrupt: tuple[str, ...]
+
+
+def setup_distributed() -> Dist:
+    """Join the torchrun process group (gloo on CPU, NCCL on GPUs) when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world <= 1:
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    return Dist(torch.distributed.get_rank(), world, device)
+
+
+def load_shard_set(dirs: Sequence[Path], *, skip_corrupt: bool) -> ShardSet:
+    """Read and check the manifests of ``dirs``: one dataset, one tokenizer, shards intact."""
+    if not dirs:
+        raise TrainError("no --shards folder given: pass the folder holding manifest.json")
+    manifests = [(Path(d), read_manifest(Path(d))) for d in dirs]
+    datasets = sorted({m["dataset"] for _, m in manifests})
+    if len(datasets) > 1:
+        raise TrainError(
+            f"the --shards folders hold several datasets ({', '.join(datasets)}); a run "
+            "trains on one dataset so its lineage name stays exact: run train-extend once "
+            "per dataset, each continuing the previous output"
+        )
+    first_dir, first = manifests[0]
+    for path, m in manifests[1:]:
+        if m["tokenizer"].get("fingerprint") != first["tokenizer"].get("fingerprint"):
+            raise TrainError(
+                f"{path} was tokenized with a different tokenizer than {first_dir}: "
+                "rebuild one of them with the same tokenizer"
+            )
+    shards: list[ShardRef] = []
+    corrupt: list[str] = []
+    for path, m in manifests:
+        if skip_corrupt:
+            bad = _corrupt_shards(path, m)
+            corrupt += [str(path / name) for name in bad]
+            shards += [
+                ShardRef(path / s["name"], s["samples"])
+                for s in m["shards"]
+                if s["name"] not in bad
+            ]
+        else:
+            try:
+                verify(path)
+            except ManifestError as err:
+                raise TrainError(f"{err} (or pass --skip-corrupt to train without it)") from err
+            shards += [ShardRef(path / s["name"], s["samples"]) for s in m["shards"]]
+    return ShardSet(
+        dataset=datasets[0],
+        shards=tuple(shards),
+        manifest_sha256=tuple(sha256_file(p / MANIFEST) for p, _ in manifests),
+        tokenizer=dict(first["tokenizer"]),
+        image_size=int(min(m["image_size"] for _, m in manifests)),
+        corrupt=tuple(corrupt),
+    )
+
+
+def _corrupt_shards(shards_dir: Path, manifest: dict[str, Any]) -> set[str]:
+    """Names of shards missing or not byte-identical to the manifest (skipped, counted)."""
+    bad = set()
+    for shard in tqdm(manifest["shards"], desc="check shards", unit=" shards", mininterval=2.0):
+        path = shards_dir / shard["name"]
+        if (
+            not path.is_file()
+            or path.stat().st_size != shard["bytes"]
+            or sha256_file(path) != shard["sha256"]
+        ):
+            bad.add(shard["name"])
+    return bad
+
+
+def parent_history(
+    ckpt: dict[str, Any], path: Path, override: str | None
+) -> tuple[tuple[lin.Segment, ...], list[dict[str, Any]], str]:
+    """The parent's lineage segments, its recorded history, and its name.
+
+    The lineage is, in order of precedence: ``--parent-lineage``, the checkpoint's own
+    ``lineage`` key (written by dalle-data), the lineage part of the file name.
+    """
+    from dalle_data.checkpoint import lineage_segments
+
+    recorded = ckpt.get("lineage") if isinstance(ckpt.get("lineage"), dict) else {}
+    name = recorded.get("name") or path.stem
+    history = list(recorded.get("history") or [])
+    if override is not None:
+        try:
+            return lin.parse_lineage(override), history, name
+        except lin.LineageError as err:
+            raise TrainError(f"--parent-lineage {override!r}: {err}") from err
+    segments = lineage_segments(ckpt)
+    if segments is not None:
+        return segments, history, name
+    try:
+        return lin.parse_name(name).lineage, history, name
+    except lin.LineageError as err:
+        raise TrainError(
+            f"parent {path}: its name {name!r} does not say what it was trained on ({err}). "
+            "Pass --parent-lineage with its datasets and epochs, e.g. --parent-lineage "
+            "cc12m_1E, or --parent-lineage '' for a model trained on nothing yet"
+        ) from err
+
+
+def family_of(vae_class_name: str) -> str:
+    from dalle_data.checkpoint import family
+
+    return family(vae_class_name)
+
+
+def run_id(args: TrainArgs, parent_sha: str, data: ShardSet, world: int) -> str:
+    """What makes two invocations the same run (and so resumable from each other)."""
+    key = {
+        "parent": parent_sha,
+        "manifests": data.manifest_sha256,
+        "corrupt": data.corrupt,
+        "epochs": str(args.epochs),
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "clip_grad_norm": args.clip_grad_norm,
+        "max_steps": args.max_steps,
+        "seed": args.seed,
+        "world_size": world,
+    }
+    return sha256_bytes(json.dumps(key, sort_keys=True).encode())[:16]
+
+
+def _latest_step_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted(run_dir.glob("step-*.pt"))
+    return found[-1] if found else None
+
+
+def _save_step(run_dir: Path, state: dict[str, Any]) -> None:
+    path = run_dir / f"step-{state['step']:06d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    for old in sorted(run_dir.glob("step-*.pt"))[:-STEP_CHECKPOINTS_KEPT]:
+        old.unlink(missing_ok=True)
+
+
+def train_extend(args: TrainArgs) -> Path:
+    """Train, write ``<output_dir>/<family>/<name>/<name>.pt`` + lineage.json + card; return it."""
+    from dalle_data import checkpoint as ckpt_io
+
+    dist = setup_distributed()
+    if args.batch_size % dist.world_size:
+        raise TrainError(
+            f"--batch-size {args.batch_size} is the global batch and must divide evenly "
+            f"among {dist.world_size} processes"
+        )
+    if args.epochs <= 0:
+        raise TrainError(f"--epochs must be positive, got {args.epochs}")
+    parent_path = Path(args.parent)
+    ckpt = ckpt_io.load_checkpoint(parent_path)
+    segments, history, parent_name = parent_history(ckpt, parent_path, args.parent_lineage)
+    dalle = ckpt_io.build_dalle(
+        ckpt, vqgan_model_path=args.vqgan_model_path, vqgan_config_path=args.vqgan_config_path
+    )
+    hparams = ckpt["hparams"]
+    data = load_shard_set(args.shards, skip_corrupt=args.skip_corrupt)
+    _check_compatible(parent_path, ckpt, data, dalle)
+
+    spec = LoaderSpec(
+        shards=data.shards,
+        batch_size=args.batch_size // dist.world_size,
+        image_size=dalle.vae.image_size,
+        text_seq_len=dalle.text_seq_len,
+        seed=args.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_workers=args.num_workers,
+        skip_corrupt=args.skip_corrupt,
+    )
+    per_epoch = steps_per_epoch(spec)
+    total = max(1, int((args.epochs * per_epoch).to_integral_value()))
+    if args.max_steps is not None:
+        total = min(total, args.max_steps)
+    epochs_done = Decimal(total) / per_epoch
+    try:
+        new_segments = lin.extend(segments, data.dataset, epochs_done)
+    except lin.LineageError as err:
+        raise TrainError(f"{err} ({total} of {per_epoch} steps per epoch)") from err
+    arch = lin.Architecture.from_hparams(hparams)
+    name = lin.model_name(arch, new_segments)
+    family = family_of(ckpt["vae_class_name"])
+    final = Path(args.output_dir) / family / name / f"{name}.pt"
+    parent_sha = sha256_file(parent_path)
+    rid = run_id(args, parent_sha, data, dist.world_size)
+    if _already_done(final, rid):
+        if dist.is_root:
+            tqdm.write(f"{final} is already the result of this run; nothing to do")
+        return final
+    run_dir = Path(args.output_dir) / RUNS_DIR / rid
+
+    dalle = dalle.to(dist.device)
+    params = [p for p in dalle.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=args.learning_rate)
+    if ckpt.get("opt_state"):
+        try:
+            opt.load_state_dict(ckpt["opt_state"])
+        except (ValueError, KeyError) as err:
+            raise TrainError(
+                f"parent {parent_path}: its optimizer state does not fit the model ({err}); "
+                "the checkpoint is inconsistent: re-save it without opt_state"
+            ) from err
+    step, losses, skipped = 0, [], 0
+    resume = _latest_step_checkpoint(run_dir)
+    if resume is not None:
+        state = torch.load(resume, map_location="cpu", weights_only=True)
+        dalle.load_state_dict(state["weights"])
+        opt.load_state_dict(state["opt_state"])
+        torch.set_rng_state(state["rng"])
+        step, losses, skipped = state["step"], list(state["losses"]), state["skipped"]
+        if dist.is_root:
+            tqdm.write(f"resuming {rid} from {resume.name} (step {step} of {total})")
+    for group in opt.param_groups:
+        group["lr"] = args.learning_rate
+    if step == 0:
+        torch.manual_seed(args.seed)
+
+    model: torch.nn.Module = dalle
+    if dist.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            dalle, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+        )
+    model.train()
+    started, first_step = time.perf_counter(), step
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc=f"train {name}",
+        unit="step",
+        disable=not dist.is_root,
+        mininterval=1.0,
+    )
+    while step < total:
+        epoch, start = divmod(step, per_epoch)
+        for batch in batches(spec, epoch, start):
+            text = batch.text.to(dist.device, non_blocking=True)
+            loss = model(text, batch.image_float(dist.device), return_loss=True)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, args.clip_grad_norm)
+            opt.step()
+            step += 1
+            value = _mean_over_ranks(loss.detach(), dist)
+            losses.append(value)
+            skipped += _sum_over_ranks(batch.skipped, dist)
+            rate = (step - first_step) * args.batch_size / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{rate:.0f}", refresh=False)
+            bar.update()
+            if step % args.save_every_n_steps == 0 and step < total and dist.is_root:
+                _save_step(
+                    run_dir,
+                    {
+                        "step": step,
+                        "weights": dalle.state_dict(),
+                        "opt_state": opt.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "losses": losses[-1000:],
+                        "skipped": skipped,
+                    },
+                )
+            if step >= total:
+                break
+    bar.close()
+    dist.barrier()
+    if not dist.is_root:
+        return final
+    elapsed = time.perf_counter() - started
+    step_record = {
+        "run_id": rid,
+        "parent": {"name": parent_name, "sha256": parent_sha},
+        "dataset": data.dataset,
+        "manifest_sha256": list(data.manifest_sha256),
+        "shards": [str(p) for p in args.shards],
+        "epochs": lin.format_epochs(epochs_done.quantize(Decimal("0.01"), ROUND_HALF_UP)),
+        "steps": total,
+        "steps_per_epoch": per_epoch,
+        "samples_seen": total * args.batch_size - skipped,
+        "corrupt_shards_skipped": list(data.corrupt),
+        "corrupt_samples_skipped": skipped,
+        "hyperparameters": {
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "clip_grad_norm": args.clip_grad_norm,
+            "seed": args.seed,
+            "max_steps": args.max_steps,
+            "world_size": dist.world_size,
+            "resize_ratio": spec.resize_ratio,
+            "optimizer": "Adam",
+        },
+        "tokenizer": data.tokenizer,
+        "lineage": lin.format_lineage(new_segments),
+        "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        "train_seconds": round(elapsed, 1),
+    }
+    record = {
+        "name": name,
+        "family": family,
+        "segments": lin.format_lineage(new_segments),
+        "history": [*history, step_record],
+    }
+    ckpt_io.save_checkpoint(
+        final,
+        hparams=hparams,
+        vae_params=ckpt.get("vae_params"),
+        vae_class_name=ckpt["vae_class_name"],
+        weights=dalle.state_dict(),
+        epoch=int(ckpt.get("epoch") or 0) + math.ceil(epochs_done),
+        opt_state=opt.state_dict(),
+        scheduler_state=None,
+        lineage=record,
+        tokenizer=data.tokenizer,
+    )
+    write_json(final.parent / "lineage.json", record)
+    finish_outputs(dalle, final, record, hparams, ckpt["vae_class_name"], args)
+    for leftover in run_dir.glob("step-*.pt"):
+        leftover.unlink()
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
+    return final
+
+
+def _check_compatible(path: Path, ckpt: dict[str, Any], data: ShardSet, dalle: Any) -> None:
+    """The checks between parent and shards that train_dalle.py would only fail on later."""
+    vocab = ckpt["hparams"].get("num_text_tokens")
+    shards_vocab = data.tokenizer.get("vocab_size")
+    if vocab != shards_vocab:
+        raise TrainError(
+            f"the shards were tokenized with {data.tokenizer.get('spec')!r} "
+            f"({shards_vocab} tokens) but parent {path} has num_text_tokens={vocab}: rebuild "
+            "the shards with the parent's tokenizer (config `tokenizer`) or pick a parent "
+            "built for this vocabulary"
+        )
+    recorded = (ckpt.get("tokenizer") or {}).get("fingerprint")
+    if recorded and recorded != data.tokenizer.get("fingerprint"):
+        raise TrainError(
+            f"the shards' tokenizer {data.tokenizer.get('spec')!r} has the parent's vocabulary "
+            f"size but not its token ids (fingerprint {data.tokenizer.get('fingerprint')} vs "
+            f"the parent's {recorded}): rebuild the shards with the tokenizer recorded in {path}"
+        )
+    if data.image_size < dalle.vae.image_size:
+        raise TrainError(
+            f"the shards hold {data.image_size}px images but the parent's VAE needs "
+            f"{dalle.vae.image_size}px: rebuild the shards with image_size >= "
+            f"{dalle.vae.image_size} (crops are only resized down)"
+        )
+
+
+def _already_done(final: Path, rid: str) -> bool:
+    record = final.parent / "lineage.json"
+    if not (final.is_file() and record.is_file()):
+        return False
+    history = json.loads(record.read_text(encoding="utf-8")).get("history") or []
+    return bool(history) and history[-1].get("run_id") == rid
+
+
+def _mean_over_ranks(loss: torch.Tensor, dist: Dist) -> float:
+    if dist.world_size > 1:
+        loss = loss.clone()
+        torch.distributed.all_reduce(loss)
+        loss /= dist.world_size
+    return float(loss)
+
+
+def _sum_over_ranks(count: int, dist: Dist) -> int:
+    if dist.world_size == 1:
+        return count
+    value = torch.tensor([count], device=dist.device)
+    torch.distributed.all_reduce(value)
+    return int(value.item())
+
+
+def finish_outputs(
+    dalle: Any,
+    final: Path,
+    record: dict[str, Any],
+    hparams: dict[str, Any],
+    vae_class_name: str,
+    args: TrainArgs,
+) -> None:
+    """samples.png, the optional colour-accuracy figure, and README.md beside ``final``."""
+    from dalle_data import modelcard, tokenizers
+    from dalle_data.generate import encode_prompts, generate_images, save_grid
+
+    step = record["history"][-1]
+    tokenizer = tokenizers.load(step["tokenizer"]["spec"])
+    samples = None
+    if args.prompts:
+        text = encode_prompts(tokenizer, args.prompts, dalle.text_seq_len)
+        images = generate_images(dalle, text, num_images=args.samples_per_prompt, seed=args.seed)
+        save_grid(images, final.parent / "samples.png", nrow=args.samples_per_prompt)
+        samples = "samples.png"
+    quality = None
+    if args.evaluate_colours:
+        from dalle_data.evaluate import colour_accuracy
+        from dalle_data.sources.sample import COLOURS
+
+        quality = colour_accuracy(dalle, tokenizer, dict(COLOURS), seed=args.seed)
+        write_json(final.parent / "quality.json", quality)
+    modelcard.write_card(
+        final.parent / "README.md",
+        name=record["name"],
+        family=record["family"],
+        hparams=hparams,
+        vae_class_name=vae_class_name,
+        history=record["history"],
+        final_loss=step["final_loss"],
+        prompts=list(args.prompts),
+        samples_file=samples,
+        quality=quality,
+    )
