@@ -39,7 +39,9 @@ def plan_download_cmd(
         )
     except DownloadError as err:
         fail(str(err))
-    typer.echo(f"{plan['input_rows']} rows in {len(plan['parts'])} parts, refused {plan['refused']}")
+    typer.echo(
+        f"{plan['input_rows']} rows in {len(plan['parts'])} parts, refused {plan['refused']}"
+    )
 
 
 @app.command("download")
@@ -53,7 +55,9 @@ def download_cmd(
     retries: Annotated[int, typer.Option(help="retries after a failed request")] = 0,
     min_image_size: Annotated[int, typer.Option(help="refuse images with a smaller side")] = 64,
     max_aspect_ratio: Annotated[float, typer.Option(help="refuse longer/shorter above this")] = 3.0,
-    distributor: Annotated[str, typer.Option(help="multiprocessing or pyspark")] = "multiprocessing",
+    distributor: Annotated[
+        str, typer.Option(help="multiprocessing or pyspark")
+    ] = "multiprocessing",
     user_agent_token: Annotated[str, typer.Option(help="token in the User-Agent")] = "dalle-data",
 ) -> None:
     """Download one part's images with img2dataset (resized, webdataset output)."""
@@ -138,6 +142,203 @@ def card_cmd(
     except ManifestError as err:
         fail(str(err))
     typer.echo(f"wrote {path}")
+
+
+def _training_errors() -> tuple[type[Exception], ...]:
+    """The domain errors of the training commands (all ValueErrors with a fix in the text)."""
+    from dalle_data.checkpoint import CheckpointError
+    from dalle_data.generate import GenerateError
+    from dalle_data.lineage import LineageError
+    from dalle_data.loader import LoaderError
+    from dalle_data.manifest import ManifestError
+    from dalle_data.presets import PresetError
+    from dalle_data.tokenizers import TokenizerError
+    from dalle_data.train import TrainError
+
+    return (
+        CheckpointError,
+        GenerateError,
+        LineageError,
+        LoaderError,
+        ManifestError,
+        PresetError,
+        TokenizerError,
+        TrainError,
+    )
+
+
+VqganModel = Annotated[
+    Path | None, typer.Option(help="VQGAN model .ckpt (taming parents; default ~/.cache/dalle)")
+]
+VqganConfig = Annotated[Path | None, typer.Option(help="VQGAN config .yml beside the model")]
+
+
+@app.command("train-extend")
+def train_extend_cmd(
+    parent: Annotated[Path, typer.Argument(help="the checkpoint to continue (.pt)")],
+    shards: Annotated[
+        list[Path], typer.Option(help="a shards folder with manifest.json (repeatable)")
+    ],
+    epochs: Annotated[str, typer.Option(help="epochs to train (may be fractional)")],
+    output_dir: Annotated[Path, typer.Option(help="writes <dir>/<family>/<name>/<name>.pt")],
+    batch_size: Annotated[int, typer.Option(help="global batch size (split across ranks)")] = 16,
+    learning_rate: Annotated[float, typer.Option(help="Adam learning rate")] = 3e-4,
+    clip_grad_norm: Annotated[float, typer.Option(help="gradient norm clip")] = 0.5,
+    max_steps: Annotated[
+        int | None, typer.Option(help="stop after this many steps (a partial epoch)")
+    ] = None,
+    save_every_n_steps: Annotated[int, typer.Option(help="step checkpoint interval")] = 1000,
+    seed: Annotated[int, typer.Option(help="data order, crops and sampling seed")] = 0,
+    num_workers: Annotated[int, typer.Option(help="loader processes per rank")] = 0,
+    vqgan_model_path: VqganModel = None,
+    vqgan_config_path: VqganConfig = None,
+    parent_lineage: Annotated[
+        str | None,
+        typer.Option(help="the parent's lineage (e.g. cc12m_1E) when its name does not say"),
+    ] = None,
+    skip_corrupt: Annotated[
+        bool, typer.Option(help="skip (and count) corrupt shards and samples instead of failing")
+    ] = False,
+    prompt: Annotated[
+        list[str] | None, typer.Option(help="prompt for samples.png (repeatable)")
+    ] = None,
+    evaluate_colours: Annotated[
+        bool, typer.Option(help="measure colour accuracy on the sample's palette, into the card")
+    ] = False,
+) -> None:
+    """Continue PARENT on shards; write the lineage-named checkpoint, lineage.json and card."""
+    from decimal import Decimal, InvalidOperation
+
+    from dalle_data.train import DEFAULT_PROMPTS, TrainArgs, train_extend
+
+    try:
+        epochs_value = Decimal(epochs)
+    except InvalidOperation:
+        fail(f"--epochs {epochs!r} is not a number: pass e.g. 1 or 0.5")
+    args = TrainArgs(
+        parent=parent,
+        shards=tuple(shards),
+        epochs=epochs_value,
+        output_dir=output_dir,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        clip_grad_norm=clip_grad_norm,
+        max_steps=max_steps,
+        save_every_n_steps=save_every_n_steps,
+        seed=seed,
+        num_workers=num_workers,
+        vqgan_model_path=vqgan_model_path,
+        vqgan_config_path=vqgan_config_path,
+        parent_lineage=parent_lineage,
+        skip_corrupt=skip_corrupt,
+        prompts=tuple(prompt) if prompt else DEFAULT_PROMPTS,
+        evaluate_colours=evaluate_colours,
+    )
+    try:
+        final = train_extend(args)
+    except _training_errors() as err:
+        fail(str(err))
+    typer.echo(str(final))
+
+
+@app.command("generate")
+def generate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="a DALLE checkpoint (.pt)")],
+    prompts: Annotated[list[str], typer.Argument(help="one or more text prompts")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="grid PNG to write")] = Path(
+        "grid.png"
+    ),
+    num_images: Annotated[int, typer.Option(help="images per prompt (one grid row)")] = 4,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    top_k: Annotated[float, typer.Option(help="fraction of logits kept (filter_thres)")] = 0.9,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="tokenizer spec, if the checkpoint records none")
+    ] = None,
+    vqgan_model_path: VqganModel = None,
+    vqgan_config_path: VqganConfig = None,
+) -> None:
+    """Generate a grid of images, one row per prompt, from a checkpoint."""
+    from dalle_data.generate import generate_grid
+
+    try:
+        path = generate_grid(
+            checkpoint,
+            prompts,
+            output,
+            num_images=num_images,
+            seed=seed,
+            top_k=top_k,
+            tokenizer=tokenizer,
+            vqgan_model_path=vqgan_model_path,
+            vqgan_config_path=vqgan_config_path,
+        )
+    except _training_errors() as err:
+        fail(str(err))
+    typer.echo(str(path))
+
+
+@app.command("init")
+def init_cmd(
+    preset: Annotated[Path, typer.Option(help="a model preset, e.g. configs/models/tiny.yaml")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the parent .pt to write")],
+    shards: Annotated[
+        list[Path] | None,
+        typer.Option(help="shards folder: vocabulary, and images for a DiscreteVAE (repeatable)"),
+    ] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="tokenizer spec for the vocabulary (instead of shards)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="initialisation and VAE training seed")] = 0,
+    vqgan_model_path: VqganModel = None,
+    vqgan_config_path: VqganConfig = None,
+) -> None:
+    """Create a fresh parent checkpoint (no lineage yet) from a model preset."""
+    from dalle_data.presets import init_parent
+
+    try:
+        path = init_parent(
+            preset,
+            output,
+            shards=tuple(shards or ()),
+            tokenizer=tokenizer,
+            seed=seed,
+            vqgan_model_path=vqgan_model_path,
+            vqgan_config_path=vqgan_config_path,
+        )
+    except _training_errors() as err:
+        fail(str(err))
+    typer.echo(str(path))
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint trained on the sample")],
+    per_colour: Annotated[int, typer.Option(help="images per colour")] = 8,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="also write the figures as JSON")
+    ] = None,
+) -> None:
+    """Colour accuracy: generate "a <colour> circle" per sample colour and classify them."""
+    import json
+
+    from dalle_data import checkpoint as ckpt_io
+    from dalle_data.atomic import write_json
+    from dalle_data.evaluate import colour_accuracy
+    from dalle_data.generate import checkpoint_tokenizer
+    from dalle_data.sources.sample import COLOURS
+
+    try:
+        ckpt = ckpt_io.load_checkpoint(checkpoint)
+        dalle = ckpt_io.build_dalle(ckpt)
+        result = colour_accuracy(
+            dalle, checkpoint_tokenizer(ckpt), dict(COLOURS), per_colour=per_colour, seed=seed
+        )
+    except _training_errors() as err:
+        fail(str(err))
+    if output is not None:
+        write_json(output, result)
+    typer.echo(json.dumps(result, indent=2))
 
 
 def main() -> None:
