@@ -187,10 +187,17 @@ def save_checkpoint(
     import torch
 
     family(vae_class_name)
-    for key, value in (("hparams", hparams), ("lineage", lineage), ("tokenizer", tokenizer)):
+    parts = {
+        "hparams": hparams,
+        "vae_params": vae_params,
+        "weights": weights,
+        "opt_state": opt_state,
+        "scheduler_state": scheduler_state,
+        "lineage": lineage,
+        "tokenizer": tokenizer,
+    }
+    for key, value in parts.items():
         _check_plain(value, key)
-    if vae_params is not None:
-        _check_plain(vae_params, "vae_params")
     segments = lineage.get("segments")
     if segments is not None:
         try:
@@ -281,6 +288,8 @@ def _safe_load(path: Path, *, what: str) -> Any:
 
     if not path.is_file():
         raise CheckpointError(f"{what} {path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (an interrupted download or copy?)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -291,9 +300,21 @@ def _safe_load(path: Path, *, what: str) -> Any:
                 "dalle-data loads only tensors and plain data. If you trust the file, re-save "
                 "its tensors and plain values with torch.save in your own Python session"
             ) from None
-        raise CheckpointError(f"{what} {path} is not a readable torch file: {err}") from None
+        raise CheckpointError(
+            f"{what} {path} is not a readable torch file: {_reason(err)}"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{what} {path} is not a readable torch file: {err}") from None
+        raise CheckpointError(
+            f"{what} {path} is not a readable torch file: {_reason(err)}"
+        ) from None
+
+
+def _reason(err: Exception) -> str:
+    """The informative part of torch's multi-paragraph load errors, on one line."""
+    text = str(err) or type(err).__name__
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.DOTALL)
+    line = detail.group(1) if detail else text.strip().splitlines()[0]
+    return " ".join(line.split())
 
 
 def _upgrade(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -379,8 +400,14 @@ def _config_without_loss(config_path: Path, out: Path) -> Path:
 
 
 def _check_plain(value: Any, where: str) -> None:
-    """Refuse values ``torch.load(weights_only=True)`` would reject, naming where they are."""
-    if value is None or isinstance(value, bool | int | float | str):
+    """Refuse values ``torch.load(weights_only=True)`` would reject, naming where they are.
+
+    Checked before writing so a bad value costs nothing and names its place, instead of
+    a checkpoint that saves fine and then cannot be loaded safely.
+    """
+    import torch
+
+    if value is None or isinstance(value, bool | int | float | str | torch.Tensor):
         return
     if isinstance(value, dict):
         for key, item in value.items():
@@ -393,6 +420,6 @@ def _check_plain(value: Any, where: str) -> None:
             _check_plain(item, f"{where}[{index}]")
         return
     raise CheckpointError(
-        f"{where} is a {type(value).__name__}; checkpoints keep only plain data (dict, list, "
-        "tuple, str, int, float, bool, None) so they load without running code"
+        f"{where} is a {type(value).__name__}; checkpoints keep only tensors and plain data "
+        "(dict, list, tuple, str, int, float, bool, None) so they load without running code"
     )
