@@ -248,7 +248,7 @@ def summary(ckpt: Mapping[str, Any], *, file_name: str | None = None) -> dict[st
         raise CheckpointError(f"cannot name this checkpoint: {err}") from None
     vae_class = ckpt.get("vae_class_name") or _infer_vae_class(ckpt)
     segments = lineage_segments(ckpt)
-    lineage_source = "lineage key"
+    lineage_source = "the lineage key"
     if segments is None:
         segments, lineage_source = _segments_from_file_name(file_name)
     weights = ckpt["weights"]
@@ -274,13 +274,30 @@ def summary(ckpt: Mapping[str, Any], *, file_name: str | None = None) -> dict[st
     }
 
 
+def format_summary(info: Mapping[str, Any]) -> str:
+    """``summary()`` as the aligned text ``dalle-data inspect`` prints."""
+    arch = ", ".join(f"{field} {value}" for field, value in info["hparams"].items())
+    epoch = "" if info["epoch"] is None else f" (epoch counter {info['epoch']})"
+    version = info["dalle_pytorch_version"] or "unknown (legacy file, no version key)"
+    rows = [
+        ("name", info["name"]),
+        ("architecture", f"{info['architecture']} ({arch})"),
+        ("vae", f"{info['family']} ({info['vae_class_name']})"),
+        ("lineage", f"{info['lineage'] or 'none'} (from {info['lineage_source']})"),
+        ("epochs", f"{info['epochs']}{epoch}"),
+        ("parameters", f"{info['parameters']:,} (+ {info['vae_parameters']:,} in the VAE)"),
+        ("dalle-pytorch", version),
+    ]
+    return "\n".join(f"{label:<14}{value}" for label, value in rows)
+
+
 def _segments_from_file_name(file_name: str | None) -> tuple[tuple[Segment, ...], str]:
     if file_name is None:
-        return (), "none (no lineage key)"
+        return (), "nowhere: no lineage key"
     try:
-        return parse_name(file_name).lineage, "file name"
+        return parse_name(file_name).lineage, "the file name"
     except LineageError:
-        return (), "none (no lineage key, file name does not parse)"
+        return (), "nowhere: no lineage key and the file name does not parse"
 
 
 def _safe_load(path: Path, *, what: str) -> Any:
@@ -329,10 +346,15 @@ def _upgrade(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
         # of full attention, so the same weights run with a dense causal pattern.
         as_tuple = (attn_types,) if isinstance(attn_types, str) else tuple(attn_types)
         hparams["attn_types"] = tuple("full" if t == "sparse" else t for t in as_tuple)
+    import torch
+
     weights = {}
     for key, tensor in ckpt["weights"].items():
-        if not isinstance(key, str):
-            raise CheckpointError(f"{path}: weights has a non-string key {key!r}")
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: weights[{key!r}] is a {type(tensor).__name__}, not a tensor under a "
+                "string key; is this a DALLE-pytorch checkpoint?"
+            )
         if key.startswith(_LOSS_PREFIX):
             continue
         weights[_AXIAL_LEGACY.sub(r"\1.\2", key)] = tensor

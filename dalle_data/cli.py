@@ -144,6 +144,23 @@ def card_cmd(
     typer.echo(f"wrote {path}")
 
 
+@app.command("inspect")
+def inspect_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="a DALLE-pytorch checkpoint (.pt)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print machine-readable JSON")] = False,
+) -> None:
+    """Show a checkpoint's architecture, VAE, lineage, epochs, size and dalle-data name."""
+    import json
+
+    from dalle_data.checkpoint import CheckpointError, format_summary, load_checkpoint, summary
+
+    try:
+        info = summary(load_checkpoint(checkpoint), file_name=checkpoint.name)
+    except CheckpointError as err:
+        fail(str(err))
+    typer.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else format_summary(info))
+
+
 def _training_errors() -> tuple[type[Exception], ...]:
     """The domain errors of the training commands (all ValueErrors with a fix in the text)."""
     from dalle_data.checkpoint import CheckpointError

@@ -333,7 +333,7 @@ def test_summary_takes_lineage_from_a_parsable_file_name_when_the_key_is_absent(
     # The file name's architecture (wrong here) is ignored; hparams decide.
     info = summary(saved, file_name="taming/12L_64HD_8H_512I_128T_cc12m_1E.pt")
     assert info["name"] == "2L_16HD_2H_32I_8T_cc12m_1E"
-    assert info["lineage_source"] == "file name"
+    assert info["lineage_source"] == "the file name"
     info = summary(saved, file_name="dalle.pt")
     assert info["name"] == "2L_16HD_2H_32I_8T"
     assert info["lineage"] == ""
