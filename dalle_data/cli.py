@@ -30,7 +30,7 @@ def plan_download_cmd(
         bool, typer.Option(help="fetch non-http(s) URLs (only for the offline sample)")
     ] = False,
 ) -> None:
-    """Split filtered rows into independent download parts (parts/part-NNNNN.parquet + plan.json)."""
+    """Split filtered rows into independent download parts (parts/*.parquet + plan.json)."""
     from dalle_data.download import DownloadError, plan_download
 
     try:
@@ -88,8 +88,10 @@ def finalize_cmd(
     tokenizer: Annotated[str, typer.Option(help="simple, hug:<json> or yttm:<model>")],
     image_size: Annotated[int, typer.Option(help="shorter side of stored images, px")] = 256,
     shard_size: Annotated[int, typer.Option(help="samples per shard")] = 1000,
+    card: Annotated[bool, typer.Option(help="also write the dataset card README.md")] = True,
 ) -> None:
-    """Downloaded parts -> shards/<dataset>-NNNNN.tar, manifest.json and failures.parquet."""
+    """Downloaded parts -> shards/<dataset>-NNNNN.tar, manifest.json, failures.parquet, card."""
+    from dalle_data.card import write_card
     from dalle_data.download import DownloadError
     from dalle_data.manifest import ManifestError
     from dalle_data.shards import ShardError, finalize
@@ -103,6 +105,8 @@ def finalize_cmd(
             image_size=image_size,
             shard_size=shard_size,
         )
+        if card:
+            write_card(dataset_dir / "shards")
     except (ShardError, ManifestError, DownloadError, TokenizerError) as err:
         fail(str(err))
     counts = manifest["counts"]

@@ -172,6 +172,8 @@ class DownloadSettings:
         """Settings that change what lands in a part (a resumed part must share them)."""
         return {
             "image_size": self.image_size,
+            "resize_mode": "keep_ratio",
+            "encode": "jpg quality 95",
             "min_image_size": self.min_image_size,
             "max_aspect_ratio": self.max_aspect_ratio,
             "max_image_pixels": MAX_IMAGE_PIXELS,
@@ -185,14 +187,20 @@ def download_part(part: Path, out_dir: Path, settings: DownloadSettings) -> dict
     rows = pq.read_metadata(part).num_rows
     partial = out_dir.with_name(out_dir.name + ".partial")
     params_path = partial / PARAMS
-    params = {"part": part.name, "rows": rows, **settings.output_affecting()}
+    per_shard = max(1, min(MAX_SAMPLES_PER_SHARD, math.ceil(rows / max(1, settings.processes))))
+    # A resumed part must cut its rows into the same img2dataset shards as the first attempt.
+    params = {
+        "part": part.name,
+        "rows": rows,
+        "samples_per_shard": per_shard,
+        **settings.output_affecting(),
+    }
     if partial.exists() and (
         not params_path.is_file() or json.loads(params_path.read_text()) != params
     ):
         shutil.rmtree(partial)  # left by a run with other settings: its shards do not apply
     partial.mkdir(parents=True, exist_ok=True)
     write_json(params_path, params)
-    per_shard = max(1, min(MAX_SAMPLES_PER_SHARD, math.ceil(rows / max(1, settings.processes))))
     img2dataset.download(
         url_list=str(part),
         input_format="parquet",

@@ -133,7 +133,7 @@ def verify(shards_dir: Path, *, retokenize: int = 0) -> dict[str, Any]:
             f"the shards hold {total} samples, counts.written says {manifest['counts']['written']}"
         )
     check_counts(manifest["counts"])
-    checked = _retokenize(shards_dir, manifest, retokenize) if retokenize > 0 else 0
+    checked = _retokenize(shards_dir, manifest, retokenize) if retokenize > 0 and total else 0
     return {
         "dataset": manifest["dataset"],
         "manifest_sha256": sha256_file(shards_dir / MANIFEST),

@@ -194,8 +194,17 @@ def read_shard(path: Path) -> Iterator[dict[str, bytes]]:
 
 
 FAILURES = "failures.parquet"
+INDEX = "index.parquet"
 BUILD_RECORD = "build.json"
 TOKENIZE_BATCH = 1024
+_INDEX_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.int64()),
+        ("caption_words", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+    ]
+)
 _FAILURE_SCHEMA = pa.schema(
     [("row_id", pa.int64()), ("url", pa.string()), ("reason", pa.string()), ("error", pa.string())]
 )
@@ -236,7 +245,12 @@ def finalize(
     settings = _part_settings(ds_dir, plan, image_size)
     failed: Counter[str] = Counter(plan["refused"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / FAILURES) as tmp, pq.ParquetWriter(tmp, _FAILURE_SCHEMA) as failures:
+    with (
+        atomic_path(out_dir / FAILURES) as tmp,
+        pq.ParquetWriter(tmp, _FAILURE_SCHEMA) as failures,
+        atomic_path(out_dir / INDEX) as index_tmp,
+        pq.ParquetWriter(index_tmp, _INDEX_SCHEMA) as index,
+    ):
         refused = pq.read_table(plan_dir / "refused.parquet")
         failures.write_table(
             pa.table(
@@ -252,7 +266,7 @@ def finalize(
                 schema=_FAILURE_SCHEMA,
             )
         )
-        samples = _samples(ds_dir, plan, tokenizer, failed, failures)
+        samples = _samples(ds_dir, plan, tokenizer, failed, failures, index)
         shards = write_shards(samples, out_dir, dataset=dataset, shard_size=shard_size)
     written = sum(s["samples"] for s in shards)
     counts = {
@@ -315,7 +329,9 @@ def _part_settings(ds_dir: Path, plan: dict[str, Any], image_size: int) -> dict[
                 f"{path.parent} is not a finished download part: run the download stage"
             )
         params = json.loads(path.read_text())
-        settings = {k: v for k, v in params.items() if k not in ("part", "rows")}
+        settings = {
+            k: v for k, v in params.items() if k not in ("part", "rows", "samples_per_shard")
+        }
         if seen is not None and settings != seen:
             raise DownloadError(
                 f"{path.parent} was downloaded with {settings}, other parts with {seen}: "
@@ -336,8 +352,13 @@ def _samples(
     tokenizer: Any,
     failed: Counter[str],
     failures: pq.ParquetWriter,
+    index: pq.ParquetWriter,
 ) -> Iterator[Sample]:
-    """Samples of every planned row that downloaded, in row order; failures counted and logged."""
+    """Samples of every planned row that downloaded, in row order.
+
+    Failures are counted and logged to ``failures``; each sample's caption length and
+    original size go to ``index`` for the dataset card.
+    """
     from dalle_data.download import read_part_results
 
     for part in plan["parts"]:
@@ -366,6 +387,17 @@ def _samples(
                         continue
                     good.append((row, result, jpg))
                 tokens = tokenizer.encode_batch([row["caption"] for row, _, _ in good])
+                index.write_table(
+                    pa.table(
+                        {
+                            "row_id": [row["row_id"] for row, _, _ in good],
+                            "caption_words": [len(row["caption"].split()) for row, _, _ in good],
+                            "original_width": [result.original_width for _, result, _ in good],
+                            "original_height": [result.original_height for _, result, _ in good],
+                        },
+                        schema=_INDEX_SCHEMA,
+                    )
+                )
                 for (row, result, jpg), ids in zip(good, tokens, strict=True):
                     meta = {
                         "caption": row["caption"],

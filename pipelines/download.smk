@@ -1,1 +1,55 @@
-# download rules (being written)
+# Download: split filtered rows into parts (a checkpoint: the number of parts is known only
+# once the metadata is filtered), then one img2dataset job per part.
+
+
+wildcard_constraints:
+    part="part-[0-9]{5}",
+
+
+checkpoint plan_download:
+    input:
+        f"{OUT}/{{dataset}}/metadata/filtered.parquet",
+    output:
+        plan=f"{OUT}/{{dataset}}/download/plan.json",
+        refused=f"{OUT}/{{dataset}}/download/refused.parquet",
+        parts=directory(f"{OUT}/{{dataset}}/download/parts"),
+    params:
+        rows_per_part=config["download"]["rows_per_part"],
+        file_urls=lambda wc: (
+            "--allow-file-urls"
+            if ds_config(wc.dataset).get("allow_file_urls")
+            else "--no-allow-file-urls"
+        ),
+    log:
+        f"{OUT}/{{dataset}}/logs/plan_download.log",
+    benchmark:
+        f"{OUT}/{{dataset}}/benchmarks/plan_download.tsv"
+    shell:
+        "dalle-data plan-download --filtered {input} --out {OUT}/{wildcards.dataset}/download"
+        " --rows-per-part {params.rows_per_part} {params.file_urls} > {log} 2>&1"
+
+
+rule download:
+    """One part through img2dataset; a finished part is never downloaded again."""
+    input:
+        f"{OUT}/{{dataset}}/download/parts/{{part}}.parquet",
+    output:
+        directory(f"{OUT}/{{dataset}}/downloaded/{{part}}"),
+    threads: config["download"]["processes"]
+    resources:
+        http=1,
+    params:
+        image_size=lambda wc: dataset_image_size(wc.dataset),
+        d=config["download"],
+    log:
+        f"{OUT}/{{dataset}}/logs/download/{{part}}.log",
+    benchmark:
+        f"{OUT}/{{dataset}}/benchmarks/download/{{part}}.tsv"
+    shell:
+        "dalle-data download --part {input} --out {output} --image-size {params.image_size}"
+        " --processes {threads} --thread-count {params.d[thread_count]}"
+        " --timeout {params.d[timeout]} --retries {params.d[retries]}"
+        " --min-image-size {params.d[min_image_size]}"
+        " --max-aspect-ratio {params.d[max_aspect_ratio]}"
+        " --distributor {params.d[distributor]}"
+        " --user-agent-token {params.d[user_agent_token]} > {log} 2>&1"

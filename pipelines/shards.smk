@@ -1,1 +1,55 @@
-# shards rules (being written)
+# Shards: all downloaded parts -> byte-reproducible shards, manifest and card; then verify.
+
+import json
+
+
+def downloaded_parts(wildcards):
+    """Every part folder the download plan of this dataset calls for."""
+    plan = checkpoints.plan_download.get(dataset=wildcards.dataset).output.plan
+    with open(plan) as fh:
+        parts = json.load(fh)["parts"]
+    return [f"{OUT}/{wildcards.dataset}/downloaded/{p['name']}" for p in parts]
+
+
+rule finalize:
+    input:
+        parts=downloaded_parts,
+        plan=f"{OUT}/{{dataset}}/download/plan.json",
+        normalize=f"{OUT}/{{dataset}}/metadata/normalize.json",
+        filter=f"{OUT}/{{dataset}}/metadata/filter.json",
+        tokenizer=lambda wc: tokenizer_input(wc.dataset),
+    output:
+        manifest=f"{OUT}/{{dataset}}/shards/manifest.json",
+        failures=f"{OUT}/{{dataset}}/shards/failures.parquet",
+        index=f"{OUT}/{{dataset}}/shards/index.parquet",
+        card=f"{OUT}/{{dataset}}/shards/README.md",
+        sheet=f"{OUT}/{{dataset}}/shards/contact_sheet.png",
+        lengths=f"{OUT}/{{dataset}}/shards/caption_lengths.png",
+        sizes=f"{OUT}/{{dataset}}/shards/image_sizes.png",
+    params:
+        tokenizer=lambda wc: ddconfig.dataset_tokenizer(config, wc.dataset),
+        image_size=lambda wc: dataset_image_size(wc.dataset),
+        shard_size=config["shard_size"],
+    log:
+        f"{OUT}/{{dataset}}/logs/finalize.log",
+    benchmark:
+        f"{OUT}/{{dataset}}/benchmarks/finalize.tsv"
+    shell:
+        "dalle-data finalize --dataset-dir {OUT}/{wildcards.dataset}"
+        " --dataset {wildcards.dataset} --tokenizer {params.tokenizer:q}"
+        " --image-size {params.image_size} --shard-size {params.shard_size} > {log} 2>&1"
+
+
+rule verify:
+    """The dataset's end point: shards re-hashed against the manifest, some captions re-tokenized."""
+    input:
+        manifest=f"{OUT}/{{dataset}}/shards/manifest.json",
+        tokenizer=lambda wc: tokenizer_input(wc.dataset),
+    output:
+        f"{OUT}/{{dataset}}/shards/verify.json",
+    log:
+        f"{OUT}/{{dataset}}/logs/verify.log",
+    benchmark:
+        f"{OUT}/{{dataset}}/benchmarks/verify.tsv"
+    shell:
+        "dalle-data verify {OUT}/{wildcards.dataset}/shards --retokenize 32 > {log} 2>&1"
