@@ -15,6 +15,7 @@ import pickle
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Mapping
 from decimal import Decimal
 from importlib.metadata import version as package_version
@@ -42,6 +43,13 @@ _REQUIRED = ("hparams", "vae_params", "weights")
 _BUFFERS = frozenset({"transformer.pos_emb"})
 _LOSS_PREFIX = "vae.model.loss."
 _AXIAL_LEGACY = re.compile(r"^(image_pos_emb\.weights)_(\d+)$")
+# A transformer layer's parameters sit under a chain of ``.fn`` wrappers: LayerScale ->
+# PreNorm -> [CachedAs -> PreShiftToken] -> CachedAs/NonCached (attention only) -> module.
+# DALLE-pytorch added the cache wrappers in 2022; 2021 files have fewer ``fn.`` levels.
+_LAYER_CHAIN = re.compile(
+    r"^(?P<head>transformer\.layers\.(?:layers\.\d+\.(?P<seq>[01])|blocks\.\d+\.(?P<rev>[fg])\.net)\.)"
+    r"(?P<fns>(?:fn\.){2,})(?P<leaf>.+)$"
+)
 _DUMMY_LOSS = "taming.modules.losses.vqperceptual.DummyLoss"
 _VQGAN_CACHE = Path("~/.cache/dalle").expanduser()
 _VQGAN_DEFAULTS = ("vqgan.1024.model.ckpt", "vqgan.1024.config.yml")
@@ -342,9 +350,15 @@ def _upgrade(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
     hparams.setdefault("rotary_emb", False)
     attn_types = hparams.get("attn_types")
     if attn_types is not None:
-        # DALLE-pytorch's 'sparse' needs DeepSpeed's CUDA kernel; its parameters are those
-        # of full attention, so the same weights run with a dense causal pattern.
         as_tuple = (attn_types,) if isinstance(attn_types, str) else tuple(attn_types)
+        if "sparse" in as_tuple:
+            # DALLE-pytorch's 'sparse' needs DeepSpeed's CUDA kernel; its parameters are
+            # those of full attention, so the same weights run with a dense causal mask.
+            warnings.warn(
+                f"{path}: attn_types {as_tuple} has 'sparse' layers; they run as 'full' "
+                "attention (same weights, dense causal pattern; DeepSpeed is not used)",
+                stacklevel=3,
+            )
         hparams["attn_types"] = tuple("full" if t == "sparse" else t for t in as_tuple)
     import torch
 
@@ -357,11 +371,25 @@ def _upgrade(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
             )
         if key.startswith(_LOSS_PREFIX):
             continue
-        weights[_AXIAL_LEGACY.sub(r"\1.\2", key)] = tensor
+        key = _AXIAL_LEGACY.sub(r"\1.\2", key)
+        weights[_wrapper_depth(key, shift_tokens=bool(hparams["shift_tokens"]))] = tensor
     upgraded = {**ckpt, "hparams": hparams, "weights": weights}
     if not upgraded.get("vae_class_name"):
         upgraded["vae_class_name"] = _infer_vae_class(upgraded)
     return upgraded
+
+
+def _wrapper_depth(key: str, *, shift_tokens: bool) -> str:
+    """``key`` with as many ``fn.`` levels as DALLE-pytorch 1.6.6 puts above the module.
+
+    Keys that already match (every file 1.6.6 wrote) are returned unchanged.
+    """
+    match = _LAYER_CHAIN.match(key)
+    if match is None:
+        return key
+    attention = (match["seq"] or match["rev"]) in ("0", "f")
+    depth = 2 + (2 if shift_tokens else 0) + (1 if attention else 0)
+    return f"{match['head']}{'fn.' * depth}{match['leaf']}"
 
 
 def _infer_vae_class(ckpt: Mapping[str, Any]) -> str:

@@ -129,7 +129,8 @@ def test_current_format_loads_unchanged_and_rebuilds(tmp_path: Path, modern: tup
 def test_legacy_checkpoint_is_upgraded_and_gives_the_same_logits(tmp_path: Path) -> None:
     path = tmp_path / "legacy.pt"
     original = models.write_legacy_checkpoint(path)
-    ckpt = load_checkpoint(path)
+    with pytest.warns(UserWarning, match="'sparse' layers; they run as 'full' attention"):
+        ckpt = load_checkpoint(path)
     assert ckpt["hparams"]["shift_tokens"] is False
     assert ckpt["hparams"]["rotary_emb"] is False
     assert ckpt["hparams"]["attn_types"] == ("full", "full")
@@ -139,6 +140,24 @@ def test_legacy_checkpoint_is_upgraded_and_gives_the_same_logits(tmp_path: Path)
     assert torch.equal(models.logits(build_dalle(ckpt)), models.logits(original))
 
 
+@pytest.mark.filterwarnings("ignore:.*'sparse' layers")
+def test_legacy_reversible_checkpoint_gives_the_same_logits(tmp_path: Path) -> None:
+    path = tmp_path / "legacy-reversible.pt"
+    original = models.write_legacy_checkpoint(path, reversible=True)
+    assert any(".f.net.fn.fn.to_qkv." in key for key in torch.load(path)["weights"])
+    rebuilt = build_dalle(load_checkpoint(path))
+    assert torch.equal(models.logits(rebuilt), models.logits(original))
+
+
+def test_late_2021_layout_with_token_shift_gives_the_same_logits(tmp_path: Path) -> None:
+    path = tmp_path / "late-2021.pt"
+    original = models.write_late_2021_checkpoint(path)
+    weights = torch.load(path)["weights"]
+    assert "transformer.layers.layers.0.0.fn.fn.fn.to_qkv.weight" in weights  # not 5 levels
+    assert torch.equal(models.logits(build_dalle(load_checkpoint(path))), models.logits(original))
+
+
+@pytest.mark.filterwarnings("ignore:.*'sparse' layers")
 def test_legacy_vqgan_checkpoint_drops_loss_weights_and_never_downloads(
     tmp_path: Path, vqgan_files: tuple[Path, Path]
 ) -> None:
@@ -192,6 +211,7 @@ def test_openai_vae_is_refused() -> None:
         build_dalle({**ckpt, "hparams": models.tiny_hparams()})
 
 
+@pytest.mark.filterwarnings("ignore:.*'sparse' layers")
 def test_legacy_openai_vae_is_recognised_from_its_weights(tmp_path: Path) -> None:
     path = tmp_path / "openai.pt"
     weights = {"vae.enc.blocks.input.w": torch.zeros(1), "to_logits.1.weight": torch.zeros(2, 3)}

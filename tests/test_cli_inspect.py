@@ -67,6 +67,7 @@ def test_inspect_json(saved: tuple[Path, int]) -> None:
     assert info["hparams"] == {"depth": 2, "dim_head": 16, "heads": 2, "dim": 32, "text_seq_len": 8}
 
 
+@pytest.mark.filterwarnings("ignore:.*'sparse' layers")
 def test_inspect_legacy_file_takes_lineage_from_its_name(tmp_path: Path) -> None:
     # A DALLE-models file whose name's architecture is wrong: hparams win.
     path = tmp_path / "16L_64HD_8H_512I_128T_cc12m-1E_wit-0.25E.pt"

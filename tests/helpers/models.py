@@ -99,11 +99,26 @@ def logits(dalle: Any, seed: int = 1) -> torch.Tensor:
 
 
 def legacy_weights(dalle: Any) -> dict[str, torch.Tensor]:
-    """``dalle``'s weights under 2021 axial key names (``weights_0`` for ``weights.0``)."""
-    return {
-        key.replace("image_pos_emb.weights.", "image_pos_emb.weights_"): tensor
-        for key, tensor in dalle.state_dict().items()
-    }
+    """``dalle``'s weights as a 2021 DALLE-pytorch would have named them.
+
+    Axial position keys were ``weights_0``/``weights_1``, and the CachedAs/NonCached
+    wrappers (added in 2022) did not exist: their ``.fn`` level is removed from every key
+    below one, found from the module tree rather than from a key pattern.
+    """
+    from dalle_pytorch.transformer import CachedAs, NonCached
+
+    wrappers = sorted(
+        (name for name, mod in dalle.named_modules() if isinstance(mod, CachedAs | NonCached)),
+        key=len,
+        reverse=True,  # innermost first, so outer names still match after each removal
+    )
+    weights = {}
+    for key, tensor in dalle.state_dict().items():
+        for name in wrappers:
+            if key.startswith(f"{name}.fn."):
+                key = f"{name}.{key.removeprefix(f'{name}.fn.')}"
+        weights[key.replace("image_pos_emb.weights.", "image_pos_emb.weights_")] = tensor
+    return weights
 
 
 def legacy_hparams(**overrides: Any) -> dict[str, Any]:
@@ -115,21 +130,31 @@ def legacy_hparams(**overrides: Any) -> dict[str, Any]:
     return hparams
 
 
-def write_legacy_checkpoint(path: Path) -> Any:
+def write_legacy_checkpoint(path: Path, **hparams: Any) -> Any:
     """A 2021-format DiscreteVAE checkpoint file; returns the model it was saved from.
 
     That model has absolute position embeddings, no token shift and full attention in
     every layer: what a 2021 model with a sparse layer becomes without DeepSpeed.
+    ``hparams`` go to both (``reversible=True`` for a reversible model).
     """
-    dalle = tiny_dalle(tiny_hparams(rotary_emb=False, shift_tokens=False), seed=7)
+    dalle = tiny_dalle(tiny_hparams(rotary_emb=False, shift_tokens=False, **hparams), seed=7)
     torch.save(
         {
-            "hparams": legacy_hparams(),
+            "hparams": legacy_hparams(**hparams),
             "vae_params": dict(TINY_VAE_PARAMS),
             "weights": legacy_weights(dalle),
         },
         path,
     )
+    return dalle
+
+
+def write_late_2021_checkpoint(path: Path) -> Any:
+    """A late-2021 file: shift_tokens and rotary_emb in hparams, no cache wrappers yet."""
+    hparams = tiny_hparams()
+    dalle = tiny_dalle(hparams, seed=9)
+    weights = legacy_weights(dalle)
+    torch.save({"hparams": hparams, "vae_params": dict(TINY_VAE_PARAMS), "weights": weights}, path)
     return dalle
 
 
