@@ -21,6 +21,96 @@ def fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
+@app.command("fetch")
+def fetch_cmd(
+    source: Annotated[list[str], typer.Option(help="source URL or path (repeat for a list)")],
+    raw_dir: Annotated[Path, typer.Option(help="where the files go: <out>/<ds>/raw")],
+    subset: Annotated[str | None, typer.Option(help="YFCC subset list URL or path")] = None,
+    select: Annotated[
+        list[int] | None, typer.Option(help="fetch only these source indices (WIT wit_files)")
+    ] = None,
+) -> None:
+    """Download (resuming) or link each source file into raw/ and record sha256s in fetch.json."""
+    from dalle_data.fetch import FetchError, fetch
+
+    try:
+        record = fetch(source, raw_dir, subset=subset or None, select=select or None)
+    except FetchError as err:
+        fail(str(err))
+    typer.echo(f"fetched {len(record['files'])} files into {raw_dir}")
+
+
+@app.command("normalize")
+def normalize_cmd(
+    format: Annotated[str, typer.Option(help="source format: cc12m, wit or yfcc")],
+    raw_dir: Annotated[Path, typer.Option(help="the fetched files: <out>/<ds>/raw")],
+    metadata_dir: Annotated[Path, typer.Option(help="output folder: <out>/<ds>/metadata")],
+    language: Annotated[
+        list[str] | None, typer.Option(help="WIT languages to keep (repeat; default en)")
+    ] = None,
+    license: Annotated[
+        list[str] | None, typer.Option(help="YFCC license names to keep (default: every CC one)")
+    ] = None,
+) -> None:
+    """Stream a source through its format adapter into normalized.parquet + normalize.json."""
+    from dalle_data.normalize import normalize
+    from dalle_data.sources import SourceError
+
+    try:
+        record = normalize(format, raw_dir, metadata_dir, languages=language, licenses=license)
+    except SourceError as err:
+        fail(str(err))
+    typer.echo(
+        f"{record['input_rows']} rows in, {record['output_rows']} out, dropped {record['dropped']}"
+    )
+
+
+@app.command("filter")
+def filter_cmd(
+    metadata_dir: Annotated[Path, typer.Option(help="folder holding normalized.parquet")],
+    fraction: Annotated[float, typer.Option(help="deterministic subset fraction (0-1]")] = 1.0,
+    max_rows: Annotated[int | None, typer.Option(help="keep at most this many rows")] = None,
+    allow_file_urls: Annotated[
+        bool, typer.Option(help="let file: URLs through (only for the offline sample)")
+    ] = False,
+    min_words: Annotated[int, typer.Option(help="fewest words in a cleaned caption")] = 1,
+    max_words: Annotated[int, typer.Option(help="most words in a cleaned caption")] = 200,
+    blocklist: Annotated[
+        list[str] | None, typer.Option(help="drop captions holding this word (repeat)")
+    ] = None,
+) -> None:
+    """Subset, URL, caption and duplicate filters: filtered.parquet, dropped.parquet, filter.json."""
+    from dalle_data.filters import FilterError, FilterOptions, run
+
+    options = FilterOptions(
+        fraction=fraction,
+        max_rows=max_rows,
+        allow_file_urls=allow_file_urls,
+        min_words=min_words,
+        max_words=max_words,
+        blocklist=tuple(blocklist or ()),
+    )
+    try:
+        record = run(metadata_dir, options)
+    except FilterError as err:
+        fail(str(err))
+    typer.echo(
+        f"{record['input_rows']} rows in, {record['output_rows']} out, dropped {record['dropped']}"
+    )
+
+
+@app.command("make-sample")
+def make_sample_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="folder for sample.tsv and images/")],
+    count: Annotated[int, typer.Option(help="number of pictures")] = 2000,
+) -> None:
+    """Generate the bundled offline source: captioned shape pictures + a few bad entries."""
+    from dalle_data.sources.sample import make_sample
+
+    record = make_sample(out_dir, count=count)
+    typer.echo(f"wrote {record['rows']} rows to {out_dir / 'sample.tsv'}")
+
+
 @app.command("plan-download")
 def plan_download_cmd(
     filtered: Annotated[Path, typer.Option(help="filtered.parquet from the filter stage")],
