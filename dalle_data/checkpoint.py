@@ -161,14 +161,28 @@ def build_dalle(
     vae = build_vae(ckpt, vqgan_model_path=vqgan_model_path, vqgan_config_path=vqgan_config_path)
     try:
         dalle = dalle_pytorch.DALLE(vae=vae, **ckpt["hparams"])
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise CheckpointError(f"hparams do not fit DALLE-pytorch 1.6.6's DALLE: {err}") from None
-    try:
-        dalle.load_state_dict(ckpt["weights"], strict=True)
-    except RuntimeError as err:
+    expected = dalle.state_dict()
+    weights = ckpt["weights"]
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    resized = [k for k, t in weights.items() if k in expected and t.shape != expected[k].shape]
+    if missing or unexpected or resized:
+        problems = [
+            f"{len(keys)} {what} (first: {', '.join(keys[:3])})"
+            for what, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
+        problems += [
+            f"{k} is {tuple(weights[k].shape)}, the model has {tuple(expected[k].shape)}"
+            for k in resized[:3]
+        ]
         raise CheckpointError(
-            f"the checkpoint's weights do not match the model its hparams describe: {err}"
-        ) from None
+            "the checkpoint's weights do not match the model its hparams describe: "
+            f"{'; '.join(problems)}"
+        )
+    dalle.load_state_dict(weights, strict=True)
     return dalle
 
 

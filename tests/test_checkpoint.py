@@ -232,7 +232,11 @@ def test_family() -> None:
 def test_weights_of_another_architecture_are_refused(modern: tuple) -> None:
     _, saved = modern
     ckpt = {**saved, "hparams": models.tiny_hparams(depth=3)}
-    with pytest.raises(CheckpointError, match="do not match the model its hparams describe"):
+    with pytest.raises(CheckpointError, match="hparams describe: 13 missing") as err:
+        build_dalle(ckpt)
+    assert "(first: transformer.layers.layers.2.0.scale," in str(err.value)
+    ckpt = {**saved, "hparams": models.tiny_hparams(dim=48, dim_head=24)}
+    with pytest.raises(CheckpointError, match=r"scale is \(1, 1, 32\), the model has \(1, 1, 48\)"):
         build_dalle(ckpt)
 
 
@@ -240,6 +244,8 @@ def test_unknown_hparam_is_a_clear_error(modern: tuple) -> None:
     _, saved = modern
     with pytest.raises(CheckpointError, match="hparams do not fit"):
         build_dalle({**saved, "hparams": {**saved["hparams"], "warp_drive": True}})
+    with pytest.raises(CheckpointError, match='attention type "mlp" is not valid'):
+        build_dalle({**saved, "hparams": {**saved["hparams"], "attn_types": ("mlp",)}})
 
 
 def _save(path: Path, saved: dict, **overrides: object) -> None:
