@@ -78,6 +78,7 @@ def filter_cmd(
     blocklist: Annotated[
         list[str] | None, typer.Option(help="drop captions holding this word (repeat)")
     ] = None,
+    workers: Annotated[int, typer.Option(help="caption cleaning processes (0 = all cores)")] = 0,
 ) -> None:
     """Subset, URL, caption and duplicate filters: filtered.parquet, dropped.parquet, filter.json."""
     from dalle_data.filters import FilterError, FilterOptions, run
@@ -89,6 +90,7 @@ def filter_cmd(
         min_words=min_words,
         max_words=max_words,
         blocklist=tuple(blocklist or ()),
+        workers=workers,
     )
     try:
         record = run(metadata_dir, options)

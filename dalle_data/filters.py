@@ -301,6 +301,8 @@ class FilterOptions:
     min_words: int = 1
     max_words: int = 200
     blocklist: tuple[str, ...] = ()
+    # Processes cleaning non-ASCII captions with ftfy; 0 = every core this process may use.
+    workers: int = 0
 
 
 def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
@@ -341,7 +343,8 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
         stage1 = dropped_tmp.with_name(dropped_tmp.name + ".stage1")
         try:
             with ProcessPoolExecutor(
-                max_workers=len(os.sched_getaffinity(0)), mp_context=mp.get_context("spawn")
+                max_workers=options.workers or len(os.sched_getaffinity(0)),
+                mp_context=mp.get_context("spawn"),
             ) as pool:
                 hashes = _first_pass(source, units, dropped, stage1, dropped_writer, pool)
             stage1_file = pq.ParquetFile(stage1)
