@@ -1,0 +1,177 @@
+"""WIT format: gzip TSV with a header and 17 columns, quoted fields that hold tabs and quotes.
+
+Caption: the reference description, else the alt text, else the attribution description
+without its ``English:``-style language prefix. Rows in other languages (config
+``languages``) and images img2dataset cannot decode (anything but jpeg, png, webp by mime
+type: no svg, no gif) are dropped. A row's id counts the parsed records of its file from 1
+(quoted fields may span lines, so physical line numbers would not be stable ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+
+from dalle_data.sources import (
+    Chunk,
+    Options,
+    SourceError,
+    SourceFile,
+    concat_dropped,
+    decode_utf8,
+    make_dropped,
+    make_rows,
+    row_ids,
+)
+
+STAGE = "normalize"
+COLUMNS = (
+    "language",
+    "image_url",
+    "caption_reference_description",
+    "caption_attribution_description",
+    "caption_alt_text_description",
+    "mime_type",
+    "original_height",
+    "original_width",
+)
+MIME_TYPES = ("image/jpeg", "image/png", "image/webp")
+# "English: A view of ...", "Deutsch: ..." — one or two words of letters, then a colon.
+LANGUAGE_PREFIX = r"^\s*\pL+(?:[ -]\pL+)?:\s*"
+BLOCK_BYTES = 16 << 20
+
+
+def read(files: list[SourceFile], options: Options) -> Iterator[Chunk]:
+    """Yield one chunk per parsed block of each file, in file then record order."""
+    for source in files:
+        yield from _read_file(source, options)
+
+
+def _read_file(source: SourceFile, options: Options) -> Iterator[Chunk]:
+    malformed: list[str] = []
+
+    def on_invalid(row: Any) -> str:
+        malformed.append(row.text)
+        return "skip"
+
+    try:
+        reader = pcsv.open_csv(
+            str(source.path),
+            read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES),
+            parse_options=pcsv.ParseOptions(
+                delimiter="\t",
+                quote_char='"',
+                double_quote=True,
+                newlines_in_values=True,
+                invalid_row_handler=on_invalid,
+            ),
+            convert_options=pcsv.ConvertOptions(
+                include_columns=list(COLUMNS),
+                column_types={c: pa.binary() for c in COLUMNS},
+            ),
+        )
+    except (pa.ArrowInvalid, OSError) as err:
+        raise SourceError(
+            f"{source.path} is not a WIT file with the columns {list(COLUMNS)} ({err}): "
+            "check datasets.<name>.format"
+        ) from err
+    record = 1
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            break
+        except (pa.ArrowInvalid, OSError) as err:
+            raise SourceError(
+                f"{source.path} cannot be parsed after record {record - 1} ({err}): "
+                "the file is corrupt or not a WIT TSV; delete it and rerun fetch"
+            ) from err
+        numbers = np.arange(record, record + batch.num_rows, dtype=np.int64)
+        record += batch.num_rows
+        chunk = parse_batch(source, batch, numbers, options)
+        chunk.dropped = concat_dropped([chunk.dropped, _malformed(malformed)])
+        chunk.input_rows += len(malformed)
+        malformed.clear()
+        yield chunk
+    if malformed:
+        yield Chunk(make_rows({}, 0), _malformed(malformed), len(malformed))
+
+
+def _malformed(texts: list[str]) -> pa.Table:
+    """Rows without 17 fields (the parser skipped them), kept as their raw text."""
+    return make_dropped(STAGE, "malformed_row", {"raw": pa.array(texts, pa.string())}, len(texts))
+
+
+def parse_batch(
+    source: SourceFile, batch: pa.RecordBatch, numbers: np.ndarray, options: Options
+) -> Chunk:
+    """Pick url, caption, size from one batch of WIT records; drop the rest with a reason."""
+    n = batch.num_rows
+    ids = row_ids(source, numbers)
+    cols: dict[str, pa.Array] = {}
+    bad_utf8 = np.zeros(n, dtype=bool)
+    for name in COLUMNS:
+        cols[name], bad = decode_utf8(batch.column(name))
+        bad_utf8 |= bad
+    caption = _caption(cols)
+    reasons = [
+        ("invalid_utf8", bad_utf8),
+        ("language", ~_is_in(cols["language"], options.languages)),
+        ("mime_type", ~_is_in(cols["mime_type"], list(MIME_TYPES))),
+        ("no_caption", pc.equal(pc.binary_length(caption), 0).to_numpy(zero_copy_only=False)),
+    ]
+    remaining = np.ones(n, dtype=bool)
+    dropped = []
+    raw = {"row_id": ids, "url": cols["image_url"], "caption": caption}
+    for reason, mask in reasons:
+        mask = mask & remaining
+        remaining &= ~mask
+        if mask.any():
+            sel = pa.array(mask)
+            picked = {k: v.filter(sel) for k, v in raw.items()}
+            dropped.append(make_dropped(STAGE, reason, picked, int(mask.sum())))
+    keep = pa.array(remaining)
+    rows = make_rows(
+        {
+            "row_id": ids.filter(keep),
+            "url": cols["image_url"].filter(keep),
+            "caption": caption.filter(keep),
+            "width": _int32(cols["original_width"]).filter(keep),
+            "height": _int32(cols["original_height"]).filter(keep),
+        },
+        int(remaining.sum()),
+    )
+    return Chunk(rows=rows, dropped=concat_dropped(dropped), input_rows=n)
+
+
+def _caption(cols: dict[str, pa.Array]) -> pa.Array:
+    attribution = pc.replace_substring_regex(
+        pc.utf8_trim_whitespace(cols["caption_attribution_description"]),
+        LANGUAGE_PREFIX,
+        "",
+        max_replacements=1,
+    )
+    caption = attribution
+    for name in ("caption_alt_text_description", "caption_reference_description"):
+        text = pc.utf8_trim_whitespace(cols[name])
+        caption = pc.if_else(pc.greater(pc.binary_length(text), 0), text, caption)
+    return caption
+
+
+def _is_in(values: pa.Array, allowed: list[str]) -> np.ndarray:
+    lowered = pc.utf8_lower(pc.utf8_trim_whitespace(values))
+    found = pc.is_in(lowered, value_set=pa.array([a.lower() for a in allowed], values.type))
+    return found.to_numpy(zero_copy_only=False)
+
+
+def _int32(values: pa.Array) -> pa.Array:
+    """Sizes as int32; anything but a plain non-negative integer becomes null."""
+    text = pc.utf8_trim_whitespace(values)
+    ok = pc.match_substring_regex(text, r"^[0-9]{1,9}(\.0*)?$")
+    whole = pc.replace_substring_regex(text, r"\.0*$", "")
+    return pc.cast(pc.if_else(ok, whole, pa.scalar(None, values.type)), pa.int32())

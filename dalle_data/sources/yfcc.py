@@ -1,0 +1,191 @@
+"""YFCC100M format: the 25-column metadata TSV without header (plain or .bz2).
+
+Title and description are URL-encoded (``+`` for space) and may hold HTML: both are decoded
+and stripped, and the caption is the title followed by the description. Videos (marker 1)
+are dropped; with ``subset`` (OpenAI's list of line number, photo id, photo hash, with or
+without a header) only listed photo ids are kept; the license must be in ``licenses`` (by
+name or URL), by default any Creative Commons license. The row id is the photo id.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import urllib.parse
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dalle_data.sources import (
+    Chunk,
+    Lines,
+    Options,
+    SourceError,
+    SourceFile,
+    concat_dropped,
+    decode_utf8,
+    escaped,
+    make_dropped,
+    make_rows,
+    map_blocks,
+    read_blocks,
+    split_lines,
+)
+
+STAGE = "normalize"
+FIELDS = 25
+PHOTO_ID, TITLE, DESCRIPTION, DOWNLOAD_URL, LICENSE_NAME, LICENSE_URL, MARKER = (
+    1,
+    8,
+    9,
+    16,
+    17,
+    18,
+    24,
+)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def read(files: list[SourceFile], options: Options) -> Iterator[Chunk]:
+    """Yield one chunk per block of each metadata file, in file order."""
+    subset = load_subset(options.subset) if options.subset else None
+    parse = partial(parse_lines, subset=subset, licenses=options.licenses)
+    for source in files:
+        yield from map_blocks(source, parse)
+
+
+def load_subset(path: Path) -> np.ndarray:
+    """Sorted photo ids of a subset list (line number, photo id, hash), header or not."""
+    ids = []
+    first = True
+    for block in read_blocks(path):
+        strings = decode_utf8(split_lines(block, 1).text)[0]
+        strings = strings.filter(pc.greater(pc.binary_length(strings), 0))
+        found = pc.extract_regex(strings, r"^[^\t]*\t\s*(?P<id>[^\t]*?)\s*(?:\t|$)")
+        second = pc.struct_field(found, [0])
+        if first and len(second):
+            first = False
+            if not str(second[0]).isdigit():
+                second = second.slice(1)  # a header line
+        ok = pc.fill_null(pc.match_substring_regex(second, r"^[0-9]{1,18}$"), False)
+        if not pc.all(ok).as_py():
+            bad = second.filter(pc.invert(ok))[0]
+            raise SourceError(
+                f"subset file {path} has a photo id {str(bad)!r} that is not a number: "
+                "it must list line number, photo id, photo hash separated by tabs"
+            )
+        ids.append(pc.cast(second, pa.int64()).to_numpy())
+    return np.unique(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
+
+
+def parse_lines(
+    source: SourceFile, lines: Lines, *, subset: np.ndarray | None, licenses: list[str]
+) -> Chunk:
+    """Select photos and build their captions; every line lands in rows or in dropped."""
+    text = lines.text
+    n = len(text)
+    strings, bad_utf8 = decode_utf8(text)
+    blank = pc.equal(pc.binary_length(text), 0).to_numpy(zero_copy_only=False)
+    bad_utf8 &= ~blank
+    wrong = ~blank & ~bad_utf8 & (lines.tabs != FIELDS - 1)
+    good = ~blank & ~bad_utf8 & ~wrong
+    dropped = [
+        make_dropped(STAGE, reason, {"raw": raw(pa.array(mask))}, int(mask.sum()))
+        for reason, mask, raw in (
+            ("blank_line", blank, strings.filter),
+            ("invalid_utf8", bad_utf8, lambda m: escaped(text.filter(m))),
+            ("wrong_column_count", wrong, strings.filter),
+        )
+        if mask.any()
+    ]
+    rows = strings.filter(pa.array(good))
+    fields = pc.split_pattern(rows, "\t").flatten()
+    m = len(rows)
+
+    def field(k: int) -> pa.Array:
+        return pc.take(fields, np.arange(k, FIELDS * m, FIELDS))
+
+    photo = field(PHOTO_ID)
+    numeric = pc.match_substring_regex(photo, r"^[0-9]{1,18}$").to_numpy(zero_copy_only=False)
+    ids = pc.cast(pc.if_else(pa.array(numeric), photo, pa.scalar(None, photo.type)), pa.int64())
+    cols = {
+        "row_id": ids,
+        "url": field(DOWNLOAD_URL),
+        "license": field(LICENSE_NAME),
+        "raw": rows,
+    }
+    license_ok = _license_ok(cols["license"], field(LICENSE_URL), licenses)
+    checks = [
+        ("bad_photo_id", ~numeric),
+        ("video", pc.equal(field(MARKER), "1").to_numpy(zero_copy_only=False)),
+    ]
+    if subset is not None:
+        checks.append(("not_in_subset", ~_member(ids.to_numpy(), subset)))
+    checks.append(("license", ~license_ok))
+    remaining = np.ones(m, dtype=bool)
+    for reason, mask in checks:
+        mask = mask & remaining
+        remaining &= ~mask
+        if mask.any():
+            sel = pa.array(mask)
+            picked = {
+                k: v.filter(sel) for k, v in cols.items() if k != "raw" or reason == "bad_photo_id"
+            }
+            dropped.append(make_dropped(STAGE, reason, picked, int(mask.sum())))
+    keep = pa.array(remaining)
+    captions = pa.array(
+        [
+            caption(t, d)
+            for t, d in zip(
+                field(TITLE).filter(keep).to_pylist(),
+                field(DESCRIPTION).filter(keep).to_pylist(),
+                strict=True,
+            )
+        ],
+        pa.string(),
+    )
+    empty = pc.equal(pc.binary_length(captions), 0).to_numpy(zero_copy_only=False)
+    kept = {k: v.filter(keep) for k, v in cols.items() if k != "raw"}
+    if empty.any():
+        sel = pa.array(empty)
+        picked = {k: v.filter(sel) for k, v in kept.items()}
+        dropped.append(make_dropped(STAGE, "no_caption", picked, int(empty.sum())))
+        kept = {k: v.filter(pa.array(~empty)) for k, v in kept.items()}
+        captions = captions.filter(pa.array(~empty))
+    out = make_rows(kept | {"caption": captions}, len(captions))
+    return Chunk(rows=out, dropped=concat_dropped(dropped), input_rows=n)
+
+
+def decode_text(value: str) -> str:
+    """URL-decoded (``+`` = space) text without HTML tags or entities."""
+    text = urllib.parse.unquote_plus(value)
+    return " ".join(html.unescape(_TAG.sub(" ", text)).split())
+
+
+def caption(title: str, description: str) -> str:
+    """Title, then description, separated by a full stop unless the title ends a sentence."""
+    parts = [p for p in (decode_text(title), decode_text(description)) if p]
+    if len(parts) == 2 and not parts[0].endswith((".", "!", "?", ":", ";")):
+        return f"{parts[0]}. {parts[1]}"
+    return " ".join(parts)
+
+
+def _member(ids: np.ndarray, subset: np.ndarray) -> np.ndarray:
+    if not len(subset):
+        return np.zeros(len(ids), dtype=bool)
+    pos = np.clip(np.searchsorted(subset, ids), 0, len(subset) - 1)
+    return subset[pos] == ids
+
+
+def _license_ok(names: pa.Array, urls: pa.Array, licenses: list[str]) -> np.ndarray:
+    if not licenses:
+        found = pc.match_substring(pc.utf8_lower(urls), "creativecommons.org/")
+        return found.to_numpy(zero_copy_only=False)
+    allowed = pa.array([x.strip().lower() for x in licenses], names.type)
+    by_name = pc.is_in(pc.utf8_lower(pc.utf8_trim_whitespace(names)), value_set=allowed)
+    by_url = pc.is_in(pc.utf8_lower(pc.utf8_trim_whitespace(urls)), value_set=allowed)
+    return pc.or_(by_name, by_url).to_numpy(zero_copy_only=False)
