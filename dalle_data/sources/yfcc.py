@@ -124,7 +124,7 @@ def parse_lines(
         ("video", pc.equal(field(MARKER), "1").to_numpy(zero_copy_only=False)),
     ]
     if subset is not None:
-        checks.append(("not_in_subset", ~_member(ids.to_numpy(), subset)))
+        checks.append(("not_in_subset", ~_member(ids.fill_null(-1).to_numpy(), subset)))
     checks.append(("license", ~license_ok))
     remaining = np.ones(m, dtype=bool)
     for reason, mask in checks:
