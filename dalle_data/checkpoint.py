@@ -63,8 +63,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a DALLE-pytorch checkpoint without running pickled code, upgraded to 1.6.6.
 
     Legacy 2021 files (only ``hparams``, ``vae_params``, ``weights``) come back with
-    ``shift_tokens``/``rotary_emb`` set to False, axial position keys renamed, ``sparse``
-    layers as ``full`` and ``vae_class_name`` inferred from the weights.
+    ``shift_tokens``/``rotary_emb`` set to False, axial position keys renamed, layer keys
+    moved under the wrappers 1.6.6 adds, ``sparse`` layers as ``full`` (with a warning),
+    ``vae.model.loss.*`` dropped and ``vae_class_name`` inferred from the weights.
     """
     path = Path(path)
     ckpt = _safe_load(path, what="checkpoint")
@@ -431,14 +432,14 @@ def _vqgan_files(
         )
     if model_path is not None and config_path is not None:
         return Path(model_path), Path(config_path)
-    cached = tuple(_VQGAN_CACHE / name for name in _VQGAN_DEFAULTS)
-    if not all(p.is_file() for p in cached):
+    model, config = (_VQGAN_CACHE / name for name in _VQGAN_DEFAULTS)
+    if not (model.is_file() and config.is_file()):
         raise CheckpointError(
             "this checkpoint uses a VQGAN (taming) VAE and dalle-data never downloads one: "
-            "pass --vqgan-model-path and --vqgan-config-path, or place "
-            f"{cached[0]} and {cached[1]} there"
+            f"pass --vqgan-model-path and --vqgan-config-path, or place {model} and {config} "
+            "there"
         )
-    return cached
+    return model, config
 
 
 def _config_without_loss(config_path: Path, out: Path) -> Path:
