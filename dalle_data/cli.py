@@ -245,7 +245,7 @@ def inspect_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="a DALLE-pytorch checkpoint (.pt)")],
     as_json: Annotated[bool, typer.Option("--json", help="print machine-readable JSON")] = False,
 ) -> None:
-    """Show a checkpoint's architecture, VAE, lineage, epochs, size and dalle-data name."""
+    """Print a checkpoint's architecture, VAE, lineage, epochs, size and name."""
     import json
 
     from dalle_data.checkpoint import CheckpointError, format_summary, load_checkpoint, summary
