@@ -8,6 +8,7 @@ duplicate URL) let the demo show the accounting end to end.
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -37,28 +38,34 @@ TEMPLATES: tuple[str, ...] = (
     "a {colour} {shape} against a {background} background",
     "a picture of a {colour} {shape} on {background}",
 )
+# Picture i shows COMBOS[i % len(COMBOS)]: every combination equally often.
+COMBOS: list[tuple[str, str, str]] = [
+    (c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS
+]
 SIZE = 96
 JPEG_QUALITY = 95
 SEED = 1234
 
 
+# Fraction of the box a shape fills: a circle pi/4, a triangle 1/2, a square all of it.
+_FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
+
+
 def draw(colour: str, shape: str, background: str, rng: random.Random) -> Image.Image:
-    """One picture: a shape covering roughly 25-50% of the image, slightly jittered."""
+    """One picture: a shape covering 28-42% of the image, at a jittered size and place."""
     image = Image.new("RGB", (SIZE, SIZE), BACKGROUNDS[background])
     pen = ImageDraw.Draw(image)
-    # Side of the shape's box: 60-75% of the image (a circle or triangle in it covers less).
-    side = rng.randint(int(SIZE * 0.60), int(SIZE * 0.75))
-    x0 = rng.randint(4, SIZE - side - 4)
-    y0 = rng.randint(4, SIZE - side - 4)
-    box = (x0, y0, x0 + side, y0 + side)
+    coverage = rng.uniform(0.28, 0.42)
+    side = round(SIZE * math.sqrt(coverage / _FILL[shape]))
+    x0 = rng.randint(2, SIZE - side - 2)
+    y0 = rng.randint(2, SIZE - side - 2)
     fill = COLOURS[colour]
     if shape == "circle":
-        pen.ellipse(box, fill=fill)
+        pen.ellipse((x0, y0, x0 + side - 1, y0 + side - 1), fill=fill)
     elif shape == "square":
-        inset = side // 10
-        pen.rectangle((x0 + inset, y0 + inset, x0 + side - inset, y0 + side - inset), fill=fill)
+        pen.rectangle((x0, y0, x0 + side - 1, y0 + side - 1), fill=fill)
     else:
-        pen.polygon([(x0 + side // 2, y0), (x0, y0 + side), (x0 + side, y0 + side)], fill=fill)
+        pen.polygon([(x0 + side / 2, y0), (x0, y0 + side), (x0 + side, y0 + side)], fill=fill)
     return image
 
 
@@ -72,11 +79,10 @@ def make_sample(out_dir: Path, *, count: int = 2000) -> dict[str, Any]:
     images = out_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
     prefix = _url_prefix(images)
-    combos = [(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
     lines = []
     for i in range(count):
         rng = random.Random(SEED * 1_000_003 + i)
-        colour, shape, background = combos[i % len(combos)]
+        colour, shape, background = COMBOS[i % len(COMBOS)]
         name = f"{i:05d}.jpg"
         # Images are written in place: sample.tsv, written last and atomically, is what
         # marks the sample complete.

@@ -75,7 +75,7 @@ def _read_file(source: SourceFile, options: Options) -> Iterator[Chunk]:
                 column_types={c: pa.binary() for c in COLUMNS},
             ),
         )
-    except (pa.ArrowInvalid, OSError) as err:
+    except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as err:
         raise SourceError(
             f"{source.path} is not a WIT file with the columns {list(COLUMNS)} ({err}): "
             "check datasets.<name>.format"
