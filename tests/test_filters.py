@@ -1,0 +1,238 @@
+"""Filters: subset selection, each named unit, caption cleaning, and the run's accounting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ftfy
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from dalle_data import filters
+from dalle_data.cli import app
+from dalle_data.filters import (
+    BlocklistFilter,
+    CaptionLengthFilter,
+    FilterError,
+    FilterOptions,
+    UrlSchemeFilter,
+    choose_subset,
+    clean_caption,
+    clean_captions,
+    duplicate_mask,
+    run,
+)
+from dalle_data.sources import SCHEMA, make_rows
+
+
+def _rows(urls: list[str], captions: list[str], start: int = 1) -> pa.Table:
+    n = len(urls)
+    return make_rows(
+        {
+            "row_id": pa.array(range(start, start + n), pa.int64()),
+            "url": pa.array(urls, pa.string()),
+            "caption": pa.array(captions, pa.string()),
+        },
+        n,
+    )
+
+
+def test_subset_is_deterministic_and_nested() -> None:
+    ids = np.arange(1, 200_001, dtype=np.int64)
+    one = choose_subset(ids, 0.01, None)
+    two = choose_subset(ids, 0.02, None)
+    keep1 = filters.SubsetFilter(one).keep(_ids_table(ids)).to_numpy(zero_copy_only=False)
+    keep2 = filters.SubsetFilter(two).keep(_ids_table(ids)).to_numpy(zero_copy_only=False)
+    assert one.size == keep1.sum() and 1800 < one.size < 2200
+    assert np.all(keep2[keep1])  # the 2% subset holds the 1% one
+    capped = choose_subset(ids, 0.02, 500)
+    keep_capped = filters.SubsetFilter(capped).keep(_ids_table(ids)).to_numpy(zero_copy_only=False)
+    assert capped.size == keep_capped.sum() == 500 and np.all(keep2[keep_capped])
+    assert choose_subset(ids[::-1].copy(), 0.02, 500) == capped  # order does not matter
+    assert choose_subset(ids, 1.0, None).limit is None
+
+
+def _ids_table(ids: np.ndarray) -> pa.Table:
+    return pa.table({"row_id": pa.array(ids)})
+
+
+@pytest.mark.parametrize(("fraction", "max_rows"), [(0.0, None), (1.5, None), (1.0, 0)])
+def test_subset_refuses_bad_values(fraction: float, max_rows: int | None) -> None:
+    with pytest.raises(FilterError, match="out of range"):
+        choose_subset(np.arange(10), fraction, max_rows)
+
+
+def test_url_scheme_allowlist() -> None:
+    urls = [
+        "https://example.com/a.jpg",
+        "HTTP://EXAMPLE.COM/b.jpg",
+        "file:///etc/passwd",
+        "file:data/sample/x.jpg",
+        "ftp://example.com/c.jpg",
+        "javascript:alert(1)",
+        "https://",
+        "https://exa mple.com/d.jpg",
+        "",
+    ]
+    rows = _rows(urls, ["c"] * len(urls))
+    strict = UrlSchemeFilter(allow_file_urls=False).keep(rows).to_pylist()
+    assert strict == [True, True, False, False, False, False, False, False, False]
+    lax = UrlSchemeFilter(allow_file_urls=True).keep(rows).to_pylist()
+    assert lax == [True, True, True, True, False, False, False, False, False]
+
+
+def test_caption_cleaning_rules() -> None:
+    raw = [
+        "  Two  cats\tand a\ndog ",
+        "Fish &amp; chips &lt;3",
+        "The Mona Lisa doesnÃ¢â‚¬â„¢t have eyebrows.",
+        "“curly” quotes",
+        "plain caption",
+        "",
+    ]
+    assert clean_captions(pa.array(raw)).to_pylist() == [
+        "Two cats and a dog",
+        "Fish & chips <3",
+        "The Mona Lisa doesn't have eyebrows.",
+        '"curly" quotes',
+        "plain caption",
+        "",
+    ]
+
+
+_TEXT = st.text(
+    alphabet=st.one_of(
+        st.characters(),
+        st.sampled_from(list(" \t\n&;#ÃÂâ€™œ©é¨´ðŸ˜\u00a0\u0080\u200b\ufeff“”ﬁＡ")),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_TEXT, min_size=1, max_size=8))
+def test_vectorised_cleaning_equals_ftfy_on_every_row(texts: list[str]) -> None:
+    """The fast paths (no Python for plain ASCII, no ftfy where it changes nothing) give
+    exactly what unescape + ftfy + whitespace gives for every caption."""
+    reference = [" ".join(ftfy.fix_text(_unescape(t), filters._FTFY).split()) for t in texts]
+    assert clean_captions(pa.array(texts)).to_pylist() == reference
+    assert [clean_caption(t) for t in texts] == reference
+
+
+def _unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)
+
+
+def test_caption_length_and_blocklist() -> None:
+    rows = _rows(["https://a"] * 4, ["one", "one two three", "a b c d e f", "NSFW stuff"])
+    keep = CaptionLengthFilter(min_words=2, max_words=5).keep(rows).to_pylist()
+    assert keep == [False, True, False, True]
+    assert BlocklistFilter(["nsfw", "x.y"]).keep(rows).to_pylist() == [True, True, True, False]
+    with pytest.raises(FilterError, match="min_words 6 is above"):
+        CaptionLengthFilter(min_words=6, max_words=5)
+
+
+def test_duplicates_first_wins_even_when_hashes_collide() -> None:
+    urls = ["u1", "u2", "u1", "u3", "u2", "u1"]
+    hashes = np.array([7, 7, 7, 9, 7, 7], dtype=np.uint64)  # every URL but u3 collides
+    dup = duplicate_mask(hashes, lambda pos: [urls[p] for p in pos])
+    assert dup.tolist() == [False, False, True, False, True, True]
+
+
+def _write_normalized(metadata: Path, rows: pa.Table, drops: int = 0) -> None:
+    metadata.mkdir(parents=True)
+    pq.write_table(rows, metadata / "normalized.parquet")
+    (metadata / "normalize.json").write_text(
+        json.dumps(
+            {
+                "input_rows": rows.num_rows + drops,
+                "output_rows": rows.num_rows,
+                "dropped": {"no_tab": drops},
+                "seconds": 1.0,
+                "sources": [{"bytes": 10}],
+            }
+        )
+    )
+
+
+def test_run_counts_every_rule_and_keeps_every_dropped_row(tmp_path: Path) -> None:
+    metadata = tmp_path / "metadata"
+    urls = [
+        "https://x/1.jpg",
+        "file:///etc/passwd",
+        "ftp://x/2.jpg",
+        "javascript:alert(1)",
+        "https://x/3.jpg",
+        "https://x/1.jpg",
+        "https://x/4.jpg",
+        "https://x/5.jpg",
+        "https://x/6.jpg",
+        "https://x/7.jpg",
+    ]
+    captions = [
+        "a dog",
+        "c",
+        "c",
+        "c",
+        "   ",
+        "a dup",
+        "one",
+        "too many words here",
+        "bad word",
+        "ok",
+    ]
+    _write_normalized(metadata, _rows(urls, captions))
+    options = FilterOptions(min_words=1, max_words=3, blocklist=("WORD",), workers=1)
+    record = run(metadata, options)
+    assert record["dropped"] == {
+        "subset": 0,
+        "url_scheme": 3,
+        "empty_caption": 1,
+        "caption_length": 1,
+        "blocklist": 1,
+        "duplicate_url": 1,
+    }
+    assert record["input_rows"] == 10 and record["output_rows"] == 3
+    kept = pq.read_table(metadata / "filtered.parquet")
+    assert kept.schema == SCHEMA
+    assert kept.column("row_id").to_pylist() == [1, 7, 10]
+    assert kept.column("caption").to_pylist() == ["a dog", "one", "ok"]
+    dropped = pq.read_table(metadata / "dropped.parquet")
+    assert sorted(
+        zip(dropped.column("row_id").to_pylist(), dropped.column("reason").to_pylist(), strict=True)
+    ) == [
+        (2, "url_scheme"),
+        (3, "url_scheme"),
+        (4, "url_scheme"),
+        (5, "empty_caption"),
+        (6, "duplicate_url"),
+        (8, "caption_length"),
+        (9, "blocklist"),
+    ]
+    report = json.loads((metadata / "report.json").read_text())
+    assert report["filter"]["output_rows"] == 3 and report["files"]["filtered.parquet"] > 0
+
+
+def test_run_with_subset_records_rule_and_size(tmp_path: Path) -> None:
+    metadata = tmp_path / "metadata"
+    n = 1000
+    _write_normalized(metadata, _rows([f"https://x/{i}" for i in range(n)], ["a cat"] * n))
+    record = run(metadata, FilterOptions(fraction=0.5, max_rows=100, workers=1))
+    assert record["subset"]["size"] == 100 and record["subset"]["max_rows"] == 100
+    assert record["dropped"]["subset"] == 900 and record["output_rows"] == 100
+    dropped = pq.read_table(metadata / "dropped.parquet")
+    assert dropped.num_rows == 900 and dropped.column("url").null_count == 900  # ids only
+
+
+def test_cli_filter_without_normalized_is_a_clear_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["filter", "--metadata-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "normalized.parquet does not exist: run `dalle-data normalize` first" in result.output
