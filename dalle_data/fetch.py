@@ -8,6 +8,7 @@ sha256 and size of every file, which normalize and the manifest cite.
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import urllib.error
@@ -151,7 +152,7 @@ def download(url: str, dest: Path, *, timeout: float = 60.0) -> None:
                 while chunk := response.read(CHUNK):
                     out.write(chunk)
                     bar.update(len(chunk))
-            except OSError as err:
+            except (OSError, http.client.HTTPException) as err:
                 raise FetchError(
                     f"download of {url} was interrupted ({err}): rerun to resume from "
                     f"{part.stat().st_size} bytes"
