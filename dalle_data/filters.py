@@ -227,11 +227,10 @@ def rows_needing_python(captions: pa.Array) -> np.ndarray:
 def word_counts(captions: pa.Array) -> np.ndarray:
     """Words per cleaned caption (single spaces, trimmed): spaces + 1, or 0 when empty."""
     offsets, data = _buffers(captions)
-    counts = np.bincount(
-        np.searchsorted(offsets, np.flatnonzero(data == 0x20), side="right") - 1,
-        minlength=len(captions),
-    )[: len(captions)]
-    return np.where(np.diff(offsets) > 0, counts + 1, 0)
+    # A trailing False keeps every start a valid index, even for empty rows at the end.
+    is_space = np.append(data == 0x20, False)
+    spaces = np.add.reduceat(is_space, offsets[:-1], dtype=np.int64) if len(captions) else 0
+    return np.where(np.diff(offsets) > 0, spaces + 1, 0)
 
 
 def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -246,20 +245,39 @@ def _offset_dtype(arr: pa.Array) -> type:
     return np.int64 if pa.types.is_large_string(arr.type) else np.int32
 
 
+class CaptionCleaning:
+    """``clean_caption`` over an array, started now and finished by ``result()``.
+
+    Rows that are already clean are left as they are; the rest go to ``pool`` (when given)
+    so the caller can prepare the next batch while workers run ftfy.
+    """
+
+    def __init__(self, captions: pa.Array, pool: Executor | None = None) -> None:
+        self.captions = pc.fill_null(captions, "")
+        slow = rows_needing_python(self.captions)
+        self.mask = pa.array(slow) if slow.any() else None
+        self.parts: list[Any] = []
+        if self.mask is None:
+            return
+        todo = self.captions.filter(self.mask).to_pylist()
+        if pool is None or len(todo) < 2 * _POOL_CHUNK:
+            self.parts = [clean_caption_list(todo)]
+        else:
+            chunks = [todo[i : i + _POOL_CHUNK] for i in range(0, len(todo), _POOL_CHUNK)]
+            self.parts = [pool.submit(clean_caption_list, chunk) for chunk in chunks]
+
+    def result(self) -> pa.Array:
+        if self.mask is None:
+            return self.captions
+        done = [
+            c for part in self.parts for c in (part if isinstance(part, list) else part.result())
+        ]
+        return pc.replace_with_mask(self.captions, self.mask, pa.array(done, self.captions.type))
+
+
 def clean_captions(captions: pa.Array, pool: Executor | None = None) -> pa.Array:
     """``clean_caption`` over an array; rows that are already clean are left as they are."""
-    captions = pc.fill_null(captions, "")
-    slow = rows_needing_python(captions)
-    if not slow.any():
-        return captions
-    mask = pa.array(slow)
-    todo = captions.filter(mask).to_pylist()
-    if pool is None or len(todo) < 2 * _POOL_CHUNK:
-        done = clean_caption_list(todo)
-    else:
-        parts = [todo[i : i + _POOL_CHUNK] for i in range(0, len(todo), _POOL_CHUNK)]
-        done = [c for part in pool.map(clean_caption_list, parts) for c in part]
-    return pc.replace_with_mask(captions, mask, pa.array(done, captions.type))
+    return CaptionCleaning(captions, pool).result()
 
 
 _POOL_CHUNK = 4096
@@ -398,16 +416,29 @@ def _first_pass(
     dropped_writer: pq.ParquetWriter,
     pool: Executor,
 ) -> np.ndarray:
-    """Row filters and caption cleaning; returns the kept rows' URL hashes, in order."""
+    """Row filters and caption cleaning; returns the kept rows' URL hashes, in order.
+
+    Batch k's captions are cleaned by the pool while batch k+1 is read and filtered.
+    """
     hashes = []
+
+    def finish(rows: pa.Table, cleaning: CaptionCleaning) -> None:
+        column = rows.schema.get_field_index("caption")
+        rows = rows.set_column(column, "caption", cleaning.result())
+        rows = _apply(units[1], rows, dropped, dropped_writer)
+        writer.write_table(rows.cast(SCHEMA))
+        hashes.append(url_hashes(rows.column("url").combine_chunks()))
+
     with pq.ParquetWriter(out, SCHEMA) as writer:
+        pending: tuple[pa.Table, CaptionCleaning] | None = None
         for rows in _batches(source, "filter"):
             rows = _apply(units[0], rows, dropped, dropped_writer)
-            captions = clean_captions(rows.column("caption").combine_chunks(), pool)
-            rows = rows.set_column(rows.schema.get_field_index("caption"), "caption", captions)
-            rows = _apply(units[1], rows, dropped, dropped_writer)
-            writer.write_table(rows.cast(SCHEMA))
-            hashes.append(url_hashes(rows.column("url").combine_chunks()))
+            started = (rows, CaptionCleaning(rows.column("caption").combine_chunks(), pool))
+            if pending is not None:
+                finish(*pending)
+            pending = started
+        if pending is not None:
+            finish(*pending)
     return np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
 
 
