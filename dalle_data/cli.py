@@ -113,6 +113,24 @@ def make_sample_cmd(
     typer.echo(f"wrote {record['rows']} rows to {out_dir / 'sample.tsv'}")
 
 
+@app.command("train-tokenizer")
+def train_tokenizer_cmd(
+    source: Annotated[
+        Path, typer.Argument(help="captions: a shards folder, a filtered.parquet or a text file")
+    ],
+    vocab_size: Annotated[int, typer.Option(help="tokens in the vocabulary (at least 258)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the tokenizer.json to write")],
+) -> None:
+    """Train a small byte-level BPE (for `tokenizer: hug:<json>`) on a dataset's captions."""
+    from dalle_data.tokenizers import TokenizerError, train_bpe
+
+    try:
+        record = train_bpe(source, vocab_size, output)
+    except TokenizerError as err:
+        fail(str(err))
+    typer.echo(f"trained {record['vocab_size']} tokens on {record['captions']} captions: {output}")
+
+
 @app.command("plan-download")
 def plan_download_cmd(
     filtered: Annotated[Path, typer.Option(help="filtered.parquet from the filter stage")],
