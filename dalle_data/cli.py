@@ -80,7 +80,7 @@ def filter_cmd(
     ] = None,
     workers: Annotated[int, typer.Option(help="caption cleaning processes (0 = all cores)")] = 0,
 ) -> None:
-    """Subset, URL, caption and duplicate filters: filtered.parquet, dropped.parquet, filter.json."""
+    """Subset, URL, caption and duplicate filters: filtered.parquet, dropped.parquet."""
     from dalle_data.filters import FilterError, FilterOptions, run
 
     options = FilterOptions(

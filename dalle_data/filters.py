@@ -37,7 +37,13 @@ from tqdm import tqdm
 
 from dalle_data import atomic
 from dalle_data.hashing import sha256_bytes, sha256_file
-from dalle_data.sources import DROPPED_SCHEMA, SCHEMA, make_dropped
+from dalle_data.sources import (
+    DROPPED_PARQUET,
+    DROPPED_SCHEMA,
+    ROWS_PARQUET,
+    SCHEMA,
+    make_dropped,
+)
 
 STAGE = "filter"
 BATCH_ROWS = 1 << 18
@@ -227,10 +233,8 @@ def rows_needing_python(captions: pa.Array) -> np.ndarray:
 def word_counts(captions: pa.Array) -> np.ndarray:
     """Words per cleaned caption (single spaces, trimmed): spaces + 1, or 0 when empty."""
     offsets, data = _buffers(captions)
-    # A trailing False keeps every start a valid index, even for empty rows at the end.
-    is_space = np.append(data == 0x20, False)
-    spaces = np.add.reduceat(is_space, offsets[:-1], dtype=np.int64) if len(captions) else 0
-    return np.where(np.diff(offsets) > 0, spaces + 1, 0)
+    spaces_before = np.searchsorted(np.flatnonzero(data == 0x20), offsets)
+    return np.where(np.diff(offsets) > 0, np.diff(spaces_before) + 1, 0)
 
 
 def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -354,7 +358,7 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
 
     with (
         atomic.atomic_path(metadata_dir / "dropped.parquet") as dropped_tmp,
-        pq.ParquetWriter(dropped_tmp, DROPPED_SCHEMA) as dropped_writer,
+        pq.ParquetWriter(dropped_tmp, DROPPED_SCHEMA, **DROPPED_PARQUET) as dropped_writer,
     ):
         _copy_normalize_dropped(metadata_dir, dropped_writer)
         # Rows that passed the row filters wait here until duplicates are known.
@@ -429,7 +433,7 @@ def _first_pass(
         writer.write_table(rows.cast(SCHEMA))
         hashes.append(url_hashes(rows.column("url").combine_chunks()))
 
-    with pq.ParquetWriter(out, SCHEMA) as writer:
+    with pq.ParquetWriter(out, SCHEMA, **ROWS_PARQUET) as writer:
         pending: tuple[pa.Table, CaptionCleaning] | None = None
         for rows in _batches(source, "filter"):
             rows = _apply(units[0], rows, dropped, dropped_writer)
@@ -478,7 +482,7 @@ def _second_pass(
 ) -> int:
     written = 0
     offset = 0
-    with pq.ParquetWriter(out, SCHEMA) as writer:
+    with pq.ParquetWriter(out, SCHEMA, **ROWS_PARQUET) as writer:
         for rows in _batches(stage1, "dedup"):
             is_dup = dup[offset : offset + rows.num_rows]
             offset += rows.num_rows

@@ -22,7 +22,16 @@ from tqdm import tqdm
 
 from dalle_data import atomic
 from dalle_data.hashing import sha256_bytes
-from dalle_data.sources import DROPPED_SCHEMA, SCHEMA, Options, SourceError, SourceFile, adapter
+from dalle_data.sources import (
+    DROPPED_PARQUET,
+    DROPPED_SCHEMA,
+    ROWS_PARQUET,
+    SCHEMA,
+    Options,
+    SourceError,
+    SourceFile,
+    adapter,
+)
 
 # Rows per bucket when a source's row ids come out of order (YFCC photo ids) and the
 # output has to be sorted in pieces that fit in memory.
@@ -71,8 +80,8 @@ def normalize(
         unsorted = out_tmp.with_name(out_tmp.name + ".unsorted")
         try:
             with (
-                pq.ParquetWriter(unsorted, SCHEMA) as writer,
-                pq.ParquetWriter(dropped_tmp, DROPPED_SCHEMA) as dropped_writer,
+                pq.ParquetWriter(unsorted, SCHEMA, **ROWS_PARQUET) as writer,
+                pq.ParquetWriter(dropped_tmp, DROPPED_SCHEMA, **DROPPED_PARQUET) as dropped_writer,
                 tqdm(desc=f"normalize {fmt}", unit="rows", unit_scale=True) as bar,
             ):
                 for chunk in read(files, options):
@@ -130,7 +139,7 @@ def _sort_by_row_id(unsorted: Path, out: Path, *, already_sorted: bool) -> None:
     bounds = [int(ids[min(len(ids) - 1, i * SORT_BUCKET_ROWS)]) for i in range(buckets)]
     bounds.append(int(ids[-1]) + 1)
     del ids
-    with pq.ParquetWriter(out, SCHEMA) as writer:
+    with pq.ParquetWriter(out, SCHEMA, **ROWS_PARQUET) as writer:
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             parts = []
             for batch in source.iter_batches(batch_size=1 << 18):

@@ -48,6 +48,11 @@ DROPPED_SCHEMA = pa.schema(
     ]
 )
 
+# Parquet writer options: dictionary pages only for the low-cardinality columns (on unique
+# URLs and captions they cost time on write and, more, on every read).
+ROWS_PARQUET: dict[str, Any] = {"use_dictionary": ["license"]}
+DROPPED_PARQUET: dict[str, Any] = {"use_dictionary": ["stage", "reason", "license"]}
+
 # Rows outside a chosen selection (a subset, another language) are not defects: dropped.parquet
 # keeps only their row_id and reason, which find them in the source, instead of a second copy
 # of most of a 100M-row source.
@@ -200,9 +205,11 @@ def split_lines(block: bytes | memoryview, first_number: int) -> Lines:
     text = pa.LargeBinaryArray.from_buffers(
         pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
     )
-    tabs = np.bincount(np.searchsorted(nl, np.flatnonzero(buf == 9)), minlength=n)
+    # Tabs per line: how many tab positions fall before each line's end, differenced.
+    tabs_before = np.searchsorted(np.flatnonzero(buf == 9), nl)
+    tabs = np.diff(tabs_before, prepend=0)
     numbers = np.arange(first_number, first_number + n, dtype=np.int64)
-    return Lines(text=text, numbers=numbers, tabs=tabs[:n])
+    return Lines(text=text, numbers=numbers, tabs=tabs)
 
 
 def map_blocks(source: SourceFile, parse: Callable[[SourceFile, Lines], Chunk]) -> Iterator[Chunk]:
