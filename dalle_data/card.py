@@ -82,18 +82,20 @@ def write_card(shards_dir: Path) -> Path:
 def _markdown(manifest: dict[str, Any]) -> str:
     counts = manifest["counts"]
     tok = manifest["tokenizer"]
+    shards = len(manifest["shards"])
     lines = [
-        f"# {manifest['dataset']}: {counts['written']} image-text samples in {len(manifest['shards'])} shards",
+        f"# {manifest['dataset']}: {counts['written']} image-text samples in {shards} shards",
         "",
-        "WebDataset shards built by dalle-data. Each sample holds `<key>.jpg` (the image resized by "
-        f"img2dataset so its shorter side is {manifest['image_size']} px, JPEG), `<key>.txt` (the "
-        "cleaned caption), `<key>.tok.npy` (its token ids) and `<key>.json` (url, source row_id, "
+        "WebDataset shards built by dalle-data. Each sample holds `<key>.jpg` (the image "
+        f"resized by img2dataset so its shorter side is {manifest['image_size']} px, JPEG), "
+        "`<key>.txt` (the cleaned caption), `<key>.tok.npy` (its token ids) and `<key>.json` "
+        "(url, source row_id, "
         "original width/height, license, caption, and `sha256`: the sha256 of the image bytes as "
         "downloaded, before resizing, as img2dataset computed it; the stored jpg is img2dataset's "
         "re-encoding). Keys are the source row ids, zero-padded to 12 digits.",
         "",
-        f"Tokenizer: `{tok.get('spec', tok['kind'])}` ({tok['kind']}, vocabulary {tok['vocab_size']}, "
-        f"fingerprint `{tok['fingerprint'][:16]}`).",
+        f"Tokenizer: `{tok.get('spec', tok['kind'])}` ({tok['kind']}, "
+        f"vocabulary {tok['vocab_size']}, fingerprint `{tok['fingerprint'][:16]}`).",
         "",
         "## Accounting",
         "",

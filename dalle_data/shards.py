@@ -247,9 +247,9 @@ def finalize(
     out_dir.mkdir(parents=True, exist_ok=True)
     with (
         atomic_path(out_dir / FAILURES) as tmp,
-        pq.ParquetWriter(tmp, _FAILURE_SCHEMA) as failures,
+        _RowGroups(tmp, _FAILURE_SCHEMA) as failures,
         atomic_path(out_dir / INDEX) as index_tmp,
-        pq.ParquetWriter(index_tmp, _INDEX_SCHEMA) as index,
+        _RowGroups(index_tmp, _INDEX_SCHEMA) as index,
     ):
         refused = pq.read_table(plan_dir / "refused.parquet")
         failures.write_table(
@@ -351,8 +351,8 @@ def _samples(
     plan: dict[str, Any],
     tokenizer: Any,
     failed: Counter[str],
-    failures: pq.ParquetWriter,
-    index: pq.ParquetWriter,
+    failures: _RowGroups,
+    index: _RowGroups,
 ) -> Iterator[Sample]:
     """Samples of every planned row that downloaded, in row order.
 
@@ -416,6 +416,39 @@ def _missing_reason(result: Any) -> str:
     if result is None:
         return "other:not_recorded"
     return result.reason if not result.ok else "other:image_missing_from_tar"
+
+
+class _RowGroups:
+    """A parquet writer whose row groups have a fixed size, whatever the write calls were.
+
+    Parts hand over rows in part-sized pieces; cutting row groups at fixed row counts keeps
+    the file's bytes independent of ``rows_per_part``.
+    """
+
+    ROWS = 65_536
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.writer = pq.ParquetWriter(path, schema)
+        self.schema = schema
+        self.pending: list[pa.Table] = []
+        self.rows = 0
+
+    def __enter__(self) -> _RowGroups:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.rows:
+            self.writer.write_table(pa.concat_tables(self.pending))
+        self.writer.close()
+
+    def write_table(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.rows += table.num_rows
+        while self.rows >= self.ROWS:
+            merged = pa.concat_tables(self.pending)
+            self.writer.write_table(merged.slice(0, self.ROWS))
+            rest = merged.slice(self.ROWS)
+            self.pending, self.rows = [rest], rest.num_rows
 
 
 class _TarIndex:

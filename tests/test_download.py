@@ -156,7 +156,13 @@ def write_metadata(ds_dir: Path, rows: list[dict[str, Any]], dropped: dict[str, 
 
 
 def build(
-    ds_dir: Path, *, rows_per_part: int, allow_file_urls: bool = False, shard_size: int = 4
+    ds_dir: Path,
+    *,
+    rows_per_part: int,
+    allow_file_urls: bool = False,
+    shard_size: int = 4,
+    dataset: str = "test",
+    tokenizer: str = "simple",
 ) -> dict:
     """plan-download -> download per part -> finalize, through the library functions."""
     plan = plan_download(
@@ -176,8 +182,8 @@ def build(
         )
     return finalize(
         ds_dir,
-        dataset="test",
-        tokenizer_spec="simple",
+        dataset=dataset,
+        tokenizer_spec=tokenizer,
         image_size=IMAGE_SIZE,
         shard_size=shard_size,
     )

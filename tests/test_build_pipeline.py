@@ -1,0 +1,133 @@
+"""The download and shard rules under Snakemake: kill -9 mid-build, resume, same bytes.
+
+The build here runs the repository's pipelines/{common,download,shards}.smk (metadata is
+written by the test, as the metadata stages would); the full chain from a cc12m TSV runs
+in test_end_to_end below.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.http import Route, serve, stall
+from tests.test_download import build, image_bytes, write_metadata
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WANDB_MODE": "disabled"}
+SNAKEFILE = f"""
+configfile: "{REPO}/configs/config.yaml"
+
+
+include: "{REPO}/pipelines/common.smk"
+include: "{REPO}/pipelines/download.smk"
+include: "{REPO}/pipelines/shards.smk"
+
+
+rule target:
+    input:
+        verified("cc12m"),
+"""
+CONFIG = """
+output_dir: data
+image_size: 64
+shard_size: 4
+download:
+  processes: 1
+  thread_count: 8
+  timeout: 1
+  rows_per_part: 6
+"""
+RESULTS = [
+    "manifest.json",
+    "README.md",
+    "contact_sheet.png",
+    "caption_lengths.png",
+    "image_sizes.png",
+]
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "snakemake"), "-s", "Snakefile", "--configfile", "extra.yaml", *args],
+        cwd=workdir,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finished(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def shard_bytes(shards: Path) -> dict[str, bytes]:
+    names = (
+        sorted(p.name for p in shards.glob("cc12m-*.tar"))
+        + RESULTS
+        + ["failures.parquet", "index.parquet"]
+    )
+    return {name: (shards / name).read_bytes() for name in names}
+
+
+@pytest.mark.slow
+def test_kill9_resume_gives_same_bytes_as_other_split(tmp_path: Path) -> None:
+    routes = {f"/{i}.jpg": Route(image_bytes("RGB", (80 + i, 70), "JPEG", i)) for i in range(10)}
+    routes["/stall.jpg"] = Route(handler=stall(3))
+    with serve(routes) as server:
+        # Two parts of 6 rows; the second starts with a URL that stalls past the timeout.
+        paths = [f"/{i}.jpg" for i in range(5)] + ["/missing.jpg", "/stall.jpg"]
+        paths += [f"/{i}.jpg" for i in range(5, 10)]
+        rows = [
+            {"row_id": 10 * i + 3, "url": server.url(p), "caption": f"photo {i} of a thing"}
+            for i, p in enumerate(paths)
+        ]
+        work = tmp_path / "work"
+        write_metadata(work / "data" / "cc12m", rows, {"too_short": 2})
+        (work / "Snakefile").write_text(SNAKEFILE)
+        (work / "extra.yaml").write_text(CONFIG)
+        downloaded = work / "data" / "cc12m" / "downloaded"
+
+        # First attempt: one job at a time; kill -9 the whole process group once one part
+        # has finished while the other (one of them holds the stalled URL) is downloading.
+        proc = snakemake(work, "--cores", "1", "target")
+        deadline = time.monotonic() + 300
+        while not (list(downloaded.glob("part-?????")) and list(downloaded.glob("*.partial"))):
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the build never reached its second part"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        (done,) = downloaded.glob("part-?????")
+        (partial,) = downloaded.glob("*.partial")
+        assert not (downloaded / partial.name.removesuffix(".partial")).exists()
+        first_part = (done / "00000.tar").stat().st_mtime_ns
+
+        finished(snakemake(work, "--unlock"))
+        finished(snakemake(work, "--cores", "2", "target"))
+        assert (done / "00000.tar").stat().st_mtime_ns == first_part  # reused, not redone
+        assert sorted(p.name for p in downloaded.iterdir()) == ["part-00000", "part-00001"]
+        resumed = shard_bytes(work / "data" / "cc12m" / "shards")
+        assert (work / "data" / "cc12m" / "shards" / "verify.json").is_file()
+
+        # An uninterrupted build of the same rows, split into a single part.
+        other = tmp_path / "other" / "cc12m"
+        shutil.copytree(work / "data" / "cc12m" / "metadata", other / "metadata")
+        build(other, rows_per_part=100, shard_size=4, dataset="cc12m", tokenizer="simple")
+        from dalle_data.card import write_card
+
+        write_card(other / "shards")
+    assert shard_bytes(other / "shards") == resumed
+    assert len([n for n in resumed if n.endswith(".tar")]) == 3  # 10 samples, 4 per shard
