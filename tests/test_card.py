@@ -1,0 +1,77 @@
+"""The dataset card: accounting table, failure reasons, and byte-stable PNGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from dalle_data.card import write_card
+from dalle_data.manifest import write_manifest
+from dalle_data.shards import INDEX, Sample, row_key, write_shards
+from tests.test_download import image_bytes
+
+TOKENIZER = {"kind": "simple", "vocab_size": 49408, "fingerprint": "a" * 64, "spec": "simple"}
+
+
+def make_shards(shards_dir: Path) -> None:
+    samples = [
+        Sample(
+            row_key(i),
+            image_bytes("RGB", (64 + i, 64), "JPEG", i),
+            f"caption {'word ' * i}",
+            {"row_id": i},
+            np.arange(i + 1, dtype=np.int32),
+        )
+        for i in range(6)
+    ]
+    shards = write_shards(samples, shards_dir, dataset="demo", shard_size=4)
+    counts = {
+        "input_rows": 10,
+        "dropped": {"blocklist": 1},
+        "failed": {"http_404": 2, "other:weird": 1},
+        "written": 6,
+    }
+    write_manifest(
+        shards_dir,
+        dataset="demo",
+        tokenizer=TOKENIZER,
+        image_size=64,
+        shards=shards,
+        counts=counts,
+        provenance={"normalize": {"sources": [{"sha256": "b" * 64}]}},
+    )
+    index = {
+        "row_id": list(range(6)),
+        "caption_words": [i + 1 for i in range(6)],
+        "original_width": [100 + i for i in range(6)],
+        "original_height": [80] * 6,
+    }
+    pq.write_table(pa.table(index), shards_dir / INDEX)
+
+
+def test_card_contents_and_stable_bytes(tmp_path: Path) -> None:
+    make_shards(tmp_path / "a")
+    make_shards(tmp_path / "b")
+    card = write_card(tmp_path / "a").read_text()
+    write_card(tmp_path / "b")
+    assert "# demo: 6 image-text samples in 2 shards" in card
+    for line in (
+        "| input rows | 10 |",
+        "| dropped: blocklist | 1 |",
+        "| failed: http_404 | 2 |",
+        "| **written** | **6** |",
+        "| http_404 | 2 | the server answered 404 Not Found |",
+        "| other:weird | 1 | other img2dataset error (see failures.parquet) |",
+        "b" * 64,
+        "![contact sheet](contact_sheet.png)",
+    ):
+        assert line in card
+    for name in ("README.md", "contact_sheet.png", "caption_lengths.png", "image_sizes.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    sheet = Image.open(tmp_path / "a" / "contact_sheet.png")
+    assert sheet.format == "PNG" and sheet.size[0] > 400
+    assert "Software" not in sheet.info
