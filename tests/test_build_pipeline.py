@@ -131,3 +131,39 @@ def test_kill9_resume_gives_same_bytes_as_other_split(tmp_path: Path) -> None:
         write_card(other / "shards")
     assert shard_bytes(other / "shards") == resumed
     assert len([n for n in resumed if n.endswith(".tar")]) == 3  # 10 samples, 4 per shard
+
+
+@pytest.mark.slow
+def test_end_to_end_cc12m_shards(tmp_path: Path) -> None:
+    """`snakemake cc12m_shards` from a cc12m TSV on 127.0.0.1 to a verified manifest."""
+    routes = {f"/img/{i}.jpg": Route(image_bytes("RGB", (90, 70 + i), "JPEG", i)) for i in range(6)}
+    with serve(routes) as server:
+        lines = [f"{server.url(f'/img/{i}.jpg')}\ta photo of thing {i}" for i in range(6)]
+        lines += [
+            f"{server.url('/img/gone.jpg')}\ta missing photo",
+            f"{server.url('/img/0.jpg')}\t",
+        ]
+        server.routes["/cc12m.tsv"] = Route("\n".join(lines).encode() + b"\n")
+        (tmp_path / "extra.yaml").write_text(
+            CONFIG.replace("output_dir: data", f"output_dir: {tmp_path / 'data'}")
+            + f"datasets:\n  cc12m:\n    format: cc12m\n    source: {server.url('/cc12m.tsv')}\n"
+        )
+        proc = subprocess.run(
+            [str(BIN / "snakemake"), "--cores", "2", "--configfile", str(tmp_path / "extra.yaml")]
+            + ["cc12m_shards"],
+            cwd=REPO,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    from dalle_data.manifest import read_manifest
+
+    shards = tmp_path / "data" / "cc12m" / "shards"
+    manifest = read_manifest(shards)
+    counts = manifest["counts"]
+    assert counts["input_rows"] == 8 and counts["written"] == 6
+    assert counts["failed"] == {"http_404": 1}
+    assert sum(counts["dropped"].values()) == 1  # the empty caption
+    assert (shards / "verify.json").is_file() and (shards / "README.md").is_file()
