@@ -510,3 +510,49 @@ def finish_outputs(
         samples_file=samples,
         quality=quality,
     )
+
+
+def planned_output(
+    parent: Path,
+    dataset: str,
+    epochs: Decimal | float | str,
+    output_dir: Path,
+    *,
+    parent_lineage: str | None = None,
+    max_steps: int | None = None,
+    presets_dir: Path = Path("configs/models"),
+) -> Path:
+    """The checkpoint train-extend will write, known before it runs (for Snakemake).
+
+    A parent that does not exist yet must be ``<anything>/<preset>.pt``, the output of
+    ``dalle-data init`` for ``<presets_dir>/<preset>.yaml``, whose hparams the preset gives.
+    """
+    from dalle_data import presets
+
+    if max_steps is not None:
+        raise TrainError(
+            "train.max_steps makes the epoch count (and so the output name) depend on the "
+            "data size: set train.epochs instead (fractions allowed), or run "
+            "`dalle-data train-extend --max-steps` directly"
+        )
+    parent = Path(parent)
+    if parent.is_file():
+        from dalle_data import checkpoint as ckpt_io
+
+        ckpt = ckpt_io.load_checkpoint(parent)
+        segments, _, _ = parent_history(ckpt, parent, parent_lineage)
+        arch = lin.Architecture.from_hparams(ckpt["hparams"])
+        family = family_of(ckpt["vae_class_name"])
+    else:
+        preset = Path(presets_dir) / f"{parent.stem}.yaml"
+        if not preset.is_file():
+            raise TrainError(
+                f"train.parent {parent} does not exist and {preset} is no preset to build it "
+                "from: point train.parent at a checkpoint, or at <dir>/<preset>.pt for a "
+                f"preset in {presets_dir}"
+            )
+        arch = lin.Architecture.from_hparams(presets.preset_hparams(presets.load_preset(preset), 1))
+        segments = lin.parse_lineage(parent_lineage or "")
+        family = presets.preset_family(preset)
+    name = lin.model_name(arch, lin.extend(segments, dataset, Decimal(str(epochs))))
+    return Path(output_dir) / family / name / f"{name}.pt"
