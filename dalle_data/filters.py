@@ -2,12 +2,12 @@
 
 Each filter is a unit in the datatrove style: it only says which rows of a batch to keep;
 the runner counts what each one dropped and writes every dropped row, with the unit's name
-as its reason, to dropped.parquet. Order: subset, url_scheme, (caption cleaning),
-empty_caption, caption_length, blocklist, then duplicate_url over the survivors (so a URL
-whose first row was dropped for its caption still reaches the downloader once).
+as its reason, to dropped.parquet. Order: subset, url_scheme, duplicate_url (first row_id
+wins among valid URLs), then caption cleaning, empty_caption, caption_length, blocklist.
 
 Everything is vectorised over pyarrow batches; only captions that are not plain ASCII (or
-hold HTML entities or control characters) go through ftfy in Python.
+hold HTML entities, control characters or stray spaces) go through Python and ftfy, in
+worker processes.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import re
 import time
 import unicodedata
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -249,42 +251,15 @@ def _offset_dtype(arr: pa.Array) -> type:
     return np.int64 if pa.types.is_large_string(arr.type) else np.int32
 
 
-class CaptionCleaning:
-    """``clean_caption`` over an array, started now and finished by ``result()``.
-
-    Rows that are already clean are left as they are; the rest go to ``pool`` (when given)
-    so the caller can prepare the next batch while workers run ftfy.
-    """
-
-    def __init__(self, captions: pa.Array, pool: Executor | None = None) -> None:
-        self.captions = pc.fill_null(captions, "")
-        slow = rows_needing_python(self.captions)
-        self.mask = pa.array(slow) if slow.any() else None
-        self.parts: list[Any] = []
-        if self.mask is None:
-            return
-        todo = self.captions.filter(self.mask).to_pylist()
-        if pool is None or len(todo) < 2 * _POOL_CHUNK:
-            self.parts = [clean_caption_list(todo)]
-        else:
-            chunks = [todo[i : i + _POOL_CHUNK] for i in range(0, len(todo), _POOL_CHUNK)]
-            self.parts = [pool.submit(clean_caption_list, chunk) for chunk in chunks]
-
-    def result(self) -> pa.Array:
-        if self.mask is None:
-            return self.captions
-        done = [
-            c for part in self.parts for c in (part if isinstance(part, list) else part.result())
-        ]
-        return pc.replace_with_mask(self.captions, self.mask, pa.array(done, self.captions.type))
-
-
-def clean_captions(captions: pa.Array, pool: Executor | None = None) -> pa.Array:
+def clean_captions(captions: pa.Array) -> pa.Array:
     """``clean_caption`` over an array; rows that are already clean are left as they are."""
-    return CaptionCleaning(captions, pool).result()
-
-
-_POOL_CHUNK = 4096
+    captions = pc.fill_null(captions, "")
+    slow = rows_needing_python(captions)
+    if not slow.any():
+        return captions
+    mask = pa.array(slow)
+    done = clean_caption_list(captions.filter(mask).to_pylist())
+    return pc.replace_with_mask(captions, mask, pa.array(done, captions.type))
 
 
 def url_hashes(urls: pa.Array) -> np.ndarray:
@@ -323,13 +298,21 @@ class FilterOptions:
     min_words: int = 1
     max_words: int = 200
     blocklist: tuple[str, ...] = ()
-    # Processes cleaning non-ASCII captions with ftfy; 0 = every core this process may use.
+    # Processes cleaning captions; 0 = every core this process may use.
     workers: int = 0
+
+
+URL_REASONS = ("subset", "url_scheme", "duplicate_url")
 
 
 def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
     """Filter ``normalized.parquet`` in ``metadata_dir``; write filtered.parquet,
-    dropped.parquet (normalize's and filter's dropped rows), filter.json and report.json."""
+    dropped.parquet (normalize's and filter's dropped rows), filter.json and report.json.
+
+    Two passes: the first reads only row ids and URLs and decides subset, URL scheme and
+    duplicates (first row_id wins among valid URLs); the second cleans captions in worker
+    processes, applies the caption filters and writes every row to one of the outputs.
+    """
     start = time.perf_counter()
     normalized = metadata_dir / "normalized.parquet"
     if not normalized.exists():
@@ -343,40 +326,55 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
     row_ids = source.read(columns=["row_id"]).column(0).to_numpy()
     subset = choose_subset(row_ids, options.fraction, options.max_rows)
     del row_ids
-    before_cleaning: list[Filter] = [
+    url_units: list[Filter] = [
         SubsetFilter(subset),
         UrlSchemeFilter(allow_file_urls=options.allow_file_urls),
     ]
-    after_cleaning: list[Filter] = [
+    caption_units: list[Filter] = [
         EmptyCaptionFilter(),
         CaptionLengthFilter(min_words=options.min_words, max_words=options.max_words),
     ]
     if any(w.strip() for w in options.blocklist):
-        after_cleaning.append(BlocklistFilter(list(options.blocklist)))
-    units = (before_cleaning, after_cleaning)
-    dropped = {u.name: 0 for u in before_cleaning + after_cleaning} | {"duplicate_url": 0}
+        caption_units.append(BlocklistFilter(list(options.blocklist)))
+    verdict = url_verdicts(source, url_units)
+    dropped = {reason: int(np.sum(verdict == i + 1)) for i, reason in enumerate(URL_REASONS)}
+    dropped |= {u.name: 0 for u in caption_units}
 
+    workers = options.workers or len(os.sched_getaffinity(0))
     with (
         atomic.atomic_path(metadata_dir / "dropped.parquet") as dropped_tmp,
+        atomic.atomic_path(metadata_dir / "filtered.parquet") as out_tmp,
         pq.ParquetWriter(dropped_tmp, DROPPED_SCHEMA, **DROPPED_PARQUET) as dropped_writer,
+        pq.ParquetWriter(out_tmp, SCHEMA, **ROWS_PARQUET) as writer,
+        ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool,
     ):
         _copy_normalize_dropped(metadata_dir, dropped_writer)
-        # Rows that passed the row filters wait here until duplicates are known.
-        stage1 = dropped_tmp.with_name(dropped_tmp.name + ".stage1")
-        try:
-            with ProcessPoolExecutor(
-                max_workers=options.workers or len(os.sched_getaffinity(0)),
-                mp_context=mp.get_context("spawn"),
-            ) as pool:
-                hashes = _first_pass(source, units, dropped, stage1, dropped_writer, pool)
-            stage1_file = pq.ParquetFile(stage1)
-            dup = duplicate_mask(hashes, lambda pos: _take_urls(stage1_file, pos))
-            del hashes
-            with atomic.atomic_path(metadata_dir / "filtered.parquet") as out_tmp:
-                output_rows = _second_pass(stage1_file, dup, out_tmp, dropped_writer)
-            dropped["duplicate_url"] = int(dup.sum())
-        finally:
-            stage1.unlink(missing_ok=True)
+        finish = partial(
+            _finish,
+            units=caption_units,
+            dropped=dropped,
+            writer=writer,
+            dropped_writer=dropped_writer,
+        )
+        output_rows = 0
+        pending: deque[tuple[pa.Table, Future[pa.Array]]] = deque()
+        offset = 0
+        for rows in _batches(source, "filter"):
+            codes = verdict[offset : offset + rows.num_rows]
+            offset += rows.num_rows
+            for i, reason in enumerate(URL_REASONS):
+                gone = codes == i + 1
+                if gone.any():
+                    dropped_writer.write_table(_as_dropped(reason, rows.filter(pa.array(gone))))
+            if codes.any():
+                rows = rows.filter(pa.array(codes == 0))
+            # Batch k's captions are cleaned in a worker while batch k+1 is read.
+            captions = rows.column("caption").combine_chunks()
+            pending.append((rows, pool.submit(clean_captions, captions)))
+            if len(pending) > workers:
+                output_rows += finish(*pending.popleft())
+        while pending:
+            output_rows += finish(*pending.popleft())
     settings = {
         "allow_file_urls": options.allow_file_urls,
         "min_words": options.min_words,
@@ -398,6 +396,51 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
     return record
 
 
+def url_verdicts(source: pq.ParquetFile, units: list[Filter]) -> np.ndarray:
+    """Per row: 0 = keep, else 1 + the index in URL_REASONS of the rule that drops it."""
+    codes = []
+    hashes = []
+    for batch in source.iter_batches(batch_size=BATCH_ROWS, columns=["row_id", "url"]):
+        rows = pa.Table.from_batches([batch])
+        code = np.zeros(rows.num_rows, dtype=np.uint8)
+        for i, unit in enumerate(units):
+            keep = unit.keep(rows).to_numpy(zero_copy_only=False)
+            code[(code == 0) & ~keep] = i + 1
+        codes.append(code)
+        alive = code == 0
+        urls = rows.column("url").combine_chunks()
+        hashes.append(url_hashes(urls.filter(pa.array(alive)) if not alive.all() else urls))
+    verdict = np.concatenate(codes) if codes else np.zeros(0, dtype=np.uint8)
+    alive_at = np.flatnonzero(verdict == 0)
+    dup = duplicate_mask(
+        np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64),
+        lambda pos: _take_urls(source, alive_at[pos]),
+    )
+    verdict[alive_at[dup]] = URL_REASONS.index("duplicate_url") + 1
+    return verdict
+
+
+def _finish(
+    rows: pa.Table,
+    cleaned: Future[pa.Array],
+    units: list[Filter],
+    dropped: dict[str, int],
+    writer: pq.ParquetWriter,
+    dropped_writer: pq.ParquetWriter,
+) -> int:
+    """Put the cleaned captions in, run the caption filters, write the survivors."""
+    rows = rows.set_column(rows.schema.get_field_index("caption"), "caption", cleaned.result())
+    for unit in units:
+        mask = unit.keep(rows)
+        gone = rows.filter(pc.invert(mask))
+        if gone.num_rows:
+            dropped[unit.name] += gone.num_rows
+            dropped_writer.write_table(_as_dropped(unit.name, gone))
+            rows = rows.filter(mask)
+    writer.write_table(rows.cast(SCHEMA))
+    return rows.num_rows
+
+
 def _copy_normalize_dropped(metadata_dir: Path, writer: pq.ParquetWriter) -> None:
     path = metadata_dir / "normalize_dropped.parquet"
     if path.exists():
@@ -412,88 +455,21 @@ def _batches(source: pq.ParquetFile, desc: str) -> Iterator[pa.Table]:
             yield pa.Table.from_batches([batch])
 
 
-def _first_pass(
-    source: pq.ParquetFile,
-    units: tuple[list[Filter], list[Filter]],
-    dropped: dict[str, int],
-    out: Path,
-    dropped_writer: pq.ParquetWriter,
-    pool: Executor,
-) -> np.ndarray:
-    """Row filters and caption cleaning; returns the kept rows' URL hashes, in order.
-
-    Batch k's captions are cleaned by the pool while batch k+1 is read and filtered.
-    """
-    hashes = []
-
-    def finish(rows: pa.Table, cleaning: CaptionCleaning) -> None:
-        column = rows.schema.get_field_index("caption")
-        rows = rows.set_column(column, "caption", cleaning.result())
-        rows = _apply(units[1], rows, dropped, dropped_writer)
-        writer.write_table(rows.cast(SCHEMA))
-        hashes.append(url_hashes(rows.column("url").combine_chunks()))
-
-    with pq.ParquetWriter(out, SCHEMA, **ROWS_PARQUET) as writer:
-        pending: tuple[pa.Table, CaptionCleaning] | None = None
-        for rows in _batches(source, "filter"):
-            rows = _apply(units[0], rows, dropped, dropped_writer)
-            started = (rows, CaptionCleaning(rows.column("caption").combine_chunks(), pool))
-            if pending is not None:
-                finish(*pending)
-            pending = started
-        if pending is not None:
-            finish(*pending)
-    return np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
-
-
-def _apply(
-    units: list[Filter], rows: pa.Table, dropped: dict[str, int], writer: pq.ParquetWriter
-) -> pa.Table:
-    """Run ``units`` in order; each counts and writes the rows it drops."""
-    for unit in units:
-        mask = unit.keep(rows)
-        gone = rows.filter(pc.invert(mask))
-        if gone.num_rows:
-            dropped[unit.name] += gone.num_rows
-            writer.write_table(_as_dropped(unit.name, gone))
-            rows = rows.filter(mask)
-    return rows
-
-
 def _as_dropped(reason: str, rows: pa.Table) -> pa.Table:
     columns = {name: rows.column(name).combine_chunks() for name in rows.column_names}
     return make_dropped(STAGE, reason, columns, rows.num_rows)
 
 
-def _take_urls(stage1: pq.ParquetFile, positions: np.ndarray) -> list[str]:
-    """URLs at sorted ``positions``, reading one batch of the url column at a time."""
+def _take_urls(source: pq.ParquetFile, positions: np.ndarray) -> list[str]:
+    """URLs at sorted row ``positions``, reading one batch of the url column at a time."""
     urls: list[str] = []
     offset = 0
-    for batch in stage1.iter_batches(batch_size=BATCH_ROWS, columns=["url"]):
+    for batch in source.iter_batches(batch_size=BATCH_ROWS, columns=["url"]):
         lo, hi = np.searchsorted(positions, [offset, offset + batch.num_rows])
         if hi > lo:
             urls.extend(batch.column(0).take(pa.array(positions[lo:hi] - offset)).to_pylist())
         offset += batch.num_rows
     return urls
-
-
-def _second_pass(
-    stage1: pq.ParquetFile, dup: np.ndarray, out: Path, dropped_writer: pq.ParquetWriter
-) -> int:
-    written = 0
-    offset = 0
-    with pq.ParquetWriter(out, SCHEMA, **ROWS_PARQUET) as writer:
-        for rows in _batches(stage1, "dedup"):
-            is_dup = dup[offset : offset + rows.num_rows]
-            offset += rows.num_rows
-            if is_dup.any():
-                dropped_writer.write_table(
-                    _as_dropped("duplicate_url", rows.filter(pa.array(is_dup)))
-                )
-                rows = rows.filter(pa.array(~is_dup))
-            writer.write_table(rows)
-            written += rows.num_rows
-    return written
 
 
 def report(metadata_dir: Path, filter_record: dict[str, Any]) -> dict[str, Any]:
