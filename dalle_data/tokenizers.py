@@ -230,6 +230,7 @@ class YttmTokenizer(Tokenizer):
         self.spec = spec
         try:
             content = path.read_bytes()
+            _check_yttm_model(content)
             self._bpe = yttm.BPE(model=str(path))
         except (OSError, ValueError) as err:
             raise TokenizerError(
@@ -245,6 +246,21 @@ class YttmTokenizer(Tokenizer):
             return []
         encoded = self._bpe.encode(list(texts), output_type=self._output_type)
         return [_ids(ids) for ids in encoded]
+
+
+def _check_yttm_model(content: bytes) -> None:
+    """Refuse what youtokentome would load without complaint and then abort the process on:
+    the model is ``<chars> <merges>``, that many ``<codepoint> <id>`` and ``<a> <b> <id>``
+    lines, then ``<unk> <pad> <bos> <eos>``."""
+    lines = [line.split() for line in content.decode("ascii").splitlines()]
+    if not lines or len(lines[0]) != 2 or not all(f.isdigit() for f in lines[0]):
+        raise ValueError("no `<chars> <merges>` header")
+    chars, merges = int(lines[0][0]), int(lines[0][1])
+    shape = [2] * chars + [3] * merges + [4]
+    if [len(line) for line in lines[1:]] != shape or not all(
+        f.lstrip("-").isdigit() for line in lines[1:] for f in line
+    ):
+        raise ValueError(f"the body does not hold {chars} characters and {merges} merges")
 
 
 def load(spec: str) -> Tokenizer:
