@@ -43,7 +43,7 @@ shard_size: 4
 download:
   processes: 1
   thread_count: 8
-  timeout: 1
+  timeout: 5
   rows_per_part: 6
 """
 RESULTS = [
@@ -85,7 +85,7 @@ def shard_bytes(shards: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_kill9_resume_gives_same_bytes_as_other_split(tmp_path: Path) -> None:
     routes = {f"/{i}.jpg": Route(image_bytes("RGB", (80 + i, 70), "JPEG", i)) for i in range(10)}
-    routes["/stall.jpg"] = Route(handler=stall(3))
+    routes["/stall.jpg"] = Route(handler=stall(8))
     with serve(routes) as server:
         # Two parts of 6 rows; the second starts with a URL that stalls past the timeout.
         paths = [f"/{i}.jpg" for i in range(5)] + ["/missing.jpg", "/stall.jpg"]
