@@ -76,12 +76,15 @@ class SimpleTokenizer(Tokenizer):
     without ``&``: ftfy and html.unescape return such text unchanged (a test checks it over
     that alphabet), so its chunks are ``text.lower().split()``.
 
-    Not thread-safe: the chunk cache is updated in place.
+    One process: worker processes were measured slower here, because each must learn the
+    same chunks again. Not thread-safe: the chunk cache is updated in place.
     """
 
     kind = "simple"
     #: Distinct chunks kept; past this the cache starts over (bounded memory on huge corpora).
     max_cached_chunks = 1_000_000
+    #: Captions per step: bounds the temporary lists of a large batch.
+    slice_size = 4096
 
     def __init__(self) -> None:
         from tokenizers import Tokenizer as HFTokenizer
@@ -161,7 +164,8 @@ class SimpleTokenizer(Tokenizer):
             ids[missing] = np.fromiter(map(get, unseen), dtype=np.int64, count=len(unseen))
         return ids
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    def _encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All ids of ``texts`` in one array, and where each text's ids end."""
         if len(self._chunk_index) > self.max_cached_chunks:
             self._reset_cache()
         chunks: list[str] = []
@@ -176,8 +180,14 @@ class SimpleTokenizer(Tokenizer):
         # Output position k of chunk j reads _chunk_tokens[start_j + k - (end_j - length_j)].
         shift = np.repeat(self._chunk_start[ids] - (ends - lengths), lengths)
         tokens = self._chunk_tokens[np.arange(len(shift)) + shift]
-        text_ends = np.concatenate([[0], ends])[np.cumsum(per_text, dtype=np.int64)]
-        return np.split(tokens, text_ends[:-1]) if texts else []
+        return tokens, np.concatenate([[0], ends])[np.cumsum(per_text, dtype=np.int64)]
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        for start in range(0, len(texts), self.slice_size):
+            tokens, text_ends = self._encode_flat(texts[start : start + self.slice_size])
+            out.extend(np.split(tokens, text_ends[:-1]))
+        return out
 
 
 class HugTokenizer(Tokenizer):

@@ -104,9 +104,10 @@ def test_simple_matches_dalle_pytorch_on_hostile_corpus(simple, reference):
     assert len(expected[-1]) > 300 and expected[0] == []
 
 
-def test_simple_matches_after_cache_resets(reference):
+def test_simple_matches_after_cache_resets_and_in_slices(reference):
     tokenizer = tokenizers.load("simple")
     tokenizer.max_cached_chunks = 3
+    tokenizer.slice_size = 4  # a batch in several steps, the cache reset between some
     expected = [reference.encode(text) for text in HOSTILE]
     for _ in range(2):
         assert as_lists(tokenizer.encode_batch(HOSTILE)) == expected
