@@ -186,7 +186,8 @@ class SimpleTokenizer(Tokenizer):
         out: list[np.ndarray] = []
         for start in range(0, len(texts), self.slice_size):
             tokens, text_ends = self._encode_flat(texts[start : start + self.slice_size])
-            out.extend(np.split(tokens, text_ends[:-1]))
+            ends = text_ends.tolist()
+            out.extend(tokens[a:b] for a, b in itertools.pairwise([0, *ends]))  # views
         return out
 
 
