@@ -54,6 +54,17 @@ class Tokenizer:
         }
 
 
+def _check_texts(texts: list[str]) -> None:
+    """A clear error for a non-string caption (each library fails its own obscure way)."""
+    if all(isinstance(text, str) for text in texts):
+        return
+    i, bad = next((i, t) for i, t in enumerate(texts) if not isinstance(t, str))
+    raise TokenizerError(
+        f"caption {i} of the batch is {type(bad).__name__} {bad!r:.60}, not text: "
+        "drop or fix that row before tokenizing"
+    )
+
+
 def _fingerprint(kind: str, content: bytes) -> str:
     return sha256_bytes(kind.encode() + b"\0" + content)
 
@@ -183,6 +194,7 @@ class SimpleTokenizer(Tokenizer):
         return tokens, np.concatenate([[0], ends])[np.cumsum(per_text, dtype=np.int64)]
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        _check_texts(texts)
         out: list[np.ndarray] = []
         for start in range(0, len(texts), self.slice_size):
             tokens, text_ends = self._encode_flat(texts[start : start + self.slice_size])
@@ -227,7 +239,9 @@ class HugTokenizer(Tokenizer):
         self.fingerprint = _fingerprint(self.kind, canonical.encode("utf-8"))
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [_ids(enc.ids) for enc in self._tokenizer.encode_batch(list(texts))]
+        _check_texts(texts)
+        encoded = self._tokenizer.encode_batch(list(texts))
+        return [_ids(enc.ids) for enc in encoded]
 
 
 class YttmTokenizer(Tokenizer):
@@ -255,6 +269,7 @@ class YttmTokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         if not texts:
             return []
+        _check_texts(texts)
         encoded = self._bpe.encode(list(texts), output_type=self._output_type)
         return [_ids(ids) for ids in encoded]
 

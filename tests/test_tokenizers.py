@@ -302,6 +302,18 @@ def test_bad_tokenizer_files_are_refused_clearly(tmp_path, hug_json):
             tokenizers.load(f"yttm:{bad}")
 
 
+def test_non_text_captions_are_refused_clearly(simple, hug_json, tmp_path):
+    import youtokentome as yttm
+
+    source = write_captions(tmp_path / "captions.txt", CAPTIONS * 3)
+    model = tmp_path / "yttm.model"
+    yttm.BPE.train(data=str(source), vocab_size=300, model=str(model), n_threads=1)
+    for tokenizer in (simple, tokenizers.load(f"hug:{hug_json}"), tokenizers.load(f"yttm:{model}")):
+        for bad in (None, b"bytes", 7):
+            with pytest.raises(tokenizers.TokenizerError, match="caption 1 of the batch is"):
+                tokenizer.encode_batch(["fine", bad])
+
+
 # --- train-tokenizer -------------------------------------------------------------------------
 
 
