@@ -231,17 +231,33 @@ class HugTokenizer(Tokenizer):
         tokenizer.post_processor = ByteLevel(trim_offsets=True)
         self._tokenizer = tokenizer
         self.vocab_size = int(tokenizer.get_vocab_size())
-        # Only what decides the ids, serialized canonically: independent of file
-        # formatting, paths and the library version that wrote the file.
-        identity = {key: data.get(key) for key in ("added_tokens", "normalizer", "pre_tokenizer")}
-        identity["model"] = data.get("model")
-        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        self.fingerprint = _fingerprint(self.kind, canonical.encode("utf-8"))
+        self.fingerprint = _fingerprint(self.kind, _hug_identity(data))
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         _check_texts(texts)
         encoded = self._tokenizer.encode_batch(list(texts))
         return [_ids(enc.ids) for enc in encoded]
+
+
+def _hug_identity(data: dict[str, Any]) -> bytes:
+    """What decides the ids of a tokenizer.json, serialized canonically: independent of the
+    path, the formatting and the tokenizers version that wrote it (merges are ``"a b"``
+    strings in files before 0.20, ``["a", "b"]`` pairs since)."""
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    identity = {
+        "model": {
+            "type": model.get("type"),
+            "vocab": model.get("vocab"),
+            "merges": [m.split(" ") if isinstance(m, str) else m for m in merges]
+            if merges is not None
+            else None,
+            "unk_token": model.get("unk_token"),
+        },
+        **{key: data.get(key) for key in ("added_tokens", "normalizer", "pre_tokenizer")},
+    }
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return canonical.encode("utf-8")
 
 
 class YttmTokenizer(Tokenizer):

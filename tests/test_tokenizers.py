@@ -203,10 +203,20 @@ def test_hug_matches_on_random_unicode(hug_json, texts):
     assert as_lists(ours.encode_batch(texts)) == [reference.encode(t) for t in texts]
 
 
-def test_hug_fingerprint_ignores_path_and_formatting(hug_json, tmp_path):
+def test_hug_fingerprint_ignores_path_formatting_and_merges_format(hug_json, tmp_path):
     moved = tmp_path / "elsewhere" / "renamed.json"
     moved.parent.mkdir()
     moved.write_text(json.dumps(json.loads(hug_json.read_text())))  # compact, same content
+    assert (
+        tokenizers.load(f"hug:{moved}").fingerprint
+        == tokenizers.load(f"hug:{hug_json}").fingerprint
+    )
+    legacy = json.loads(hug_json.read_text())  # merges as "a b" strings, as before 0.20
+    legacy["model"]["merges"] = [" ".join(pair) for pair in legacy["model"]["merges"]]
+    moved.write_text(json.dumps(legacy))
+    assert as_lists(tokenizers.load(f"hug:{moved}").encode_batch(HOSTILE)) == as_lists(
+        tokenizers.load(f"hug:{hug_json}").encode_batch(HOSTILE)
+    )
     assert (
         tokenizers.load(f"hug:{moved}").fingerprint
         == tokenizers.load(f"hug:{hug_json}").fingerprint
