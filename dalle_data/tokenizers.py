@@ -87,8 +87,11 @@ class SimpleTokenizer(Tokenizer):
     without ``&``: ftfy and html.unescape return such text unchanged (a test checks it over
     that alphabet), so its chunks are ``text.lower().split()``.
 
-    One process: worker processes were measured slower here, because each must learn the
-    same chunks again. Not thread-safe: the chunk cache is updated in place.
+    So mostly-ASCII captions (cc12m, YFCC) tokenize 6-7x faster than the reference
+    (benchmarks/results/tokenize.md); captions that all need ftfy only about 2x. One
+    process: forked workers measured no faster on 2 cores, neither for whole batches (each
+    must learn the same chunks again) nor for ftfy alone. Not thread-safe: the chunk cache
+    is updated in place.
     """
 
     kind = "simple"
