@@ -302,18 +302,20 @@ def train_extend(args: TrainArgs) -> Path:
                 f"parent {parent_path}: its optimizer state does not fit the model ({err}); "
                 "the checkpoint is inconsistent: re-save it without opt_state"
             ) from err
-    step, losses, skipped = 0, [], 0
+    step, losses, seen, skipped = 0, [], 0, 0
     resume = _latest_step_checkpoint(run_dir)
     if resume is not None:
         state = torch.load(resume, map_location="cpu", weights_only=True)
         dalle.load_state_dict(state["weights"])
         opt.load_state_dict(state["opt_state"])
         torch.set_rng_state(state["rng"])
-        step, losses, skipped = state["step"], list(state["losses"]), state["skipped"]
+        step, losses = state["step"], list(state["losses"])
+        seen, skipped = state["seen"], state["skipped"]
         if dist.is_root:
             tqdm.write(f"resuming {rid} from {resume.name} (step {step} of {total})")
     for group in opt.param_groups:
         group["lr"] = args.learning_rate
+    resumed_from = step
     if step == 0:
         torch.manual_seed(args.seed)
 
@@ -342,9 +344,9 @@ def train_extend(args: TrainArgs) -> Path:
             torch.nn.utils.clip_grad_norm_(params, args.clip_grad_norm)
             opt.step()
             step += 1
-            value = _mean_over_ranks(loss.detach(), dist)
+            value, counts = _reduce_step(loss.detach(), (len(batch.keys), batch.skipped), dist)
             losses.append(value)
-            skipped += _sum_over_ranks(batch.skipped, dist)
+            seen, skipped = seen + counts[0], skipped + counts[1]
             rate = (step - first_step) * args.batch_size / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{rate:.0f}", refresh=False)
             bar.update()
@@ -357,6 +359,7 @@ def train_extend(args: TrainArgs) -> Path:
                         "opt_state": opt.state_dict(),
                         "rng": torch.get_rng_state(),
                         "losses": losses[-1000:],
+                        "seen": seen,
                         "skipped": skipped,
                     },
                 )
@@ -376,7 +379,8 @@ def train_extend(args: TrainArgs) -> Path:
         "epochs": lin.format_epochs(epochs_done.quantize(Decimal("0.01"), ROUND_HALF_UP)),
         "steps": total,
         "steps_per_epoch": per_epoch,
-        "samples_seen": total * args.batch_size - skipped,
+        "samples_seen": seen,
+        "resumed_from_step": resumed_from,
         "corrupt_shards_skipped": list(data.corrupt),
         "corrupt_samples_skipped": skipped,
         "hyperparameters": {
@@ -455,20 +459,16 @@ def _already_done(final: Path, rid: str) -> bool:
     return bool(history) and history[-1].get("run_id") == rid
 
 
-def _mean_over_ranks(loss: torch.Tensor, dist: Dist) -> float:
-    if dist.world_size > 1:
-        loss = loss.clone()
-        torch.distributed.all_reduce(loss)
-        loss /= dist.world_size
-    return float(loss)
-
-
-def _sum_over_ranks(count: int, dist: Dist) -> int:
+def _reduce_step(
+    loss: torch.Tensor, counts: tuple[int, int], dist: Dist
+) -> tuple[float, tuple[int, int]]:
+    """The loss averaged and the sample counts summed over ranks, in one all-reduce."""
     if dist.world_size == 1:
-        return count
-    value = torch.tensor([count], device=dist.device)
-    torch.distributed.all_reduce(value)
-    return int(value.item())
+        return float(loss), counts
+    extra = [torch.tensor(float(c), device=loss.device) for c in counts]
+    packed = torch.stack([loss.float(), *extra])
+    torch.distributed.all_reduce(packed)
+    return float(packed[0]) / dist.world_size, (int(packed[1]), int(packed[2]))
 
 
 def finish_outputs(
