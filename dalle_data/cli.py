@@ -474,3 +474,8 @@ def evaluate_cmd(
 
 def main() -> None:
     app()
+
+
+# `python -m dalle_data.cli` (and `torchrun -m dalle_data.cli`) run the app too.
+if __name__ == "__main__":
+    main()
