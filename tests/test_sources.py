@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -347,3 +348,38 @@ def test_make_sample_is_deterministic_and_captions_name_the_picture(
         pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
         shape_px = np.abs(pixels - sample.COLOURS[colour]).sum(axis=1) < 60
         assert 0.25 < shape_px.mean() < 0.50, (i, shape_px.mean())
+
+
+# ---------------------------------------------------------------- normalize
+
+
+def test_normalize_sorts_out_of_order_ids_in_buckets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dalle_data import normalize
+    from dalle_data.fetch import fetch
+
+    path, subset = tmp_path / "yfcc100m_dataset.bz2", tmp_path / "subset.tsv"
+    expected = write_yfcc(path, subset)
+    fetch([str(path)], tmp_path / "raw", subset=str(subset))
+    monkeypatch.setattr(normalize, "SORT_BUCKET_ROWS", 1)  # one bucket per row
+    record = normalize.normalize("yfcc", tmp_path / "raw", tmp_path / "meta")
+    assert record["dropped"] == expected and record["output_rows"] == 2
+    assert record["input_rows"] == sum(expected.values()) + 2
+    rows = pq.read_table(tmp_path / "meta/normalized.parquet")
+    assert rows.schema == SCHEMA and rows.column("row_id").to_pylist() == [50, 900]
+    dropped = pq.read_table(tmp_path / "meta/normalize_dropped.parquet")
+    assert dropped.num_rows == sum(expected.values())
+
+
+def test_normalize_refuses_repeated_photo_ids(tmp_path: Path) -> None:
+    from dalle_data import normalize
+    from dalle_data.fetch import fetch
+
+    path = tmp_path / "yfcc100m_dataset"
+    lines = [_yfcc_line(pid, "A+title", "") for pid in (5, 3, 5)]
+    path.write_text("\n".join(lines) + "\n")
+    fetch([str(path)], tmp_path / "raw")
+    with pytest.raises(SourceError, match="row id 5 more than once"):
+        normalize.normalize("yfcc", tmp_path / "raw", tmp_path / "meta")
+    assert not (tmp_path / "meta/normalized.parquet").exists()
