@@ -241,9 +241,14 @@ def word_counts(captions: pa.Array) -> np.ndarray:
 
 def _buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Offsets (from 0) and bytes of a string array, without copying the bytes."""
-    offsets = np.frombuffer(arr.buffers()[1], dtype=_offset_dtype(arr))
+    _, offsets_buf, data_buf = arr.buffers()
+    if len(arr) == 0 or offsets_buf is None:
+        return np.zeros(len(arr) + 1, dtype=np.int64), np.zeros(0, dtype=np.uint8)
+    offsets: np.ndarray = np.frombuffer(offsets_buf, dtype=_offset_dtype(arr))
     offsets = offsets[arr.offset : arr.offset + len(arr) + 1]
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    if data_buf is None:
+        return offsets - offsets[0], np.zeros(0, dtype=np.uint8)
+    data = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]]
     return offsets - offsets[0], data
 
 
