@@ -1,0 +1,59 @@
+"""The last lines of ``make demo``: where the demo's outputs are and its measured quality.
+
+``python -m dalle_data.demo_summary data [configs/config.yaml]``
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from dalle_data import config as ddconfig
+from dalle_data.train import planned_output
+
+
+def summary(output_dir: Path, config_path: Path) -> str:
+    """A few lines naming the shards, the checkpoint, its card and the quality figure."""
+    config = ddconfig.load(config_path)
+    train = config["train"]
+    final = planned_output(
+        Path(train["parent"]),
+        train["dataset"],
+        train["epochs"],
+        Path(train["output_dir"]),
+        parent_lineage=train.get("parent_lineage"),
+    )
+    lines = [
+        f"shards:     {output_dir / train['dataset'] / 'shards'}",
+        f"checkpoint: {final}",
+        f"card:       {final.parent / 'README.md'}",
+        f"samples:    {final.parent / 'samples.png'}",
+    ]
+    quality_path = final.parent / "quality.json"
+    if quality_path.is_file():
+        q = json.loads(quality_path.read_text(encoding="utf-8"))
+        lines.append(
+            f"quality:    {q['metric']} {q['accuracy']:.2f} ({q['correct']}/{q['images']} "
+            f'images for "{q["prompt"]}"; chance {q["chance"]:.2f}; per colour '
+            + ", ".join(f"{c} {n}" for c, n in q["per_colour"].items())
+            + ")"
+        )
+    else:
+        lines.append(f"quality:    not measured ({quality_path} is missing)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    output_dir = Path(argv[0]) if argv else Path("data")
+    config_path = Path(argv[1]) if len(argv) > 1 else Path("configs/config.yaml")
+    try:
+        print(summary(output_dir, config_path))
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,43 @@
+"""generate: a grid PNG from a checkpoint; the colour-accuracy classifier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from dalle_data.cli import app
+from dalle_data.evaluate import dominant_colour
+from dalle_data.presets import init_parent
+from tests.helpers.tiny import write_dataset, write_preset
+
+PALETTE = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def test_generate_writes_one_row_per_prompt(tmp_path: Path) -> None:
+    shards = write_dataset(tmp_path, 16, 16)
+    parent = init_parent(write_preset(tmp_path / "p.yaml"), tmp_path / "p.pt", shards=[shards])
+    out = tmp_path / "grid.png"
+    args = ["generate", str(parent), "a red square", "a blue square", "--num-images", "3"]
+    result = CliRunner().invoke(app, [*args, "-o", str(out), "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as grid:
+        # make_grid: 2 px padding around 32 px images
+        assert grid.size == (3 * 34 + 2, 2 * 34 + 2)
+    again = tmp_path / "again.png"
+    CliRunner().invoke(app, [*args, "-o", str(again), "--seed", "1"])
+    assert out.read_bytes() == again.read_bytes()
+    bad = CliRunner().invoke(app, [*args, "--top-k", "1.5"])
+    assert bad.exit_code == 1 and "--top-k" in bad.output
+
+
+def test_dominant_colour_ignores_the_background() -> None:
+    image = np.full((32, 32, 3), 250, np.uint8)
+    image[10:20, 10:20] = (200, 40, 40)
+    assert dominant_colour(image, PALETTE) == "red"
+    image[:] = 10  # a black background with a blue disc-ish block
+    image[8:24, 8:24] = (40, 40, 200)
+    assert dominant_colour(image, PALETTE) == "blue"
+    assert dominant_colour(np.full((32, 32, 3), 128, np.uint8), PALETTE) is None
