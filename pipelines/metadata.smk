@@ -60,7 +60,7 @@ if isinstance(_SAMPLE, str) and _is_local(_SAMPLE) and os.path.basename(_SAMPLE)
         output:
             _SAMPLE,
         params:
-            folder=os.path.dirname(_SAMPLE) or ".",
+            folder=subpath(output[0], parent=True),
         log:
             f"{OUT}/sample/logs/sample_source.log",
         benchmark:
@@ -78,6 +78,7 @@ rule fetch:
         f"{OUT}/{{dataset}}/raw/fetch.json",
     params:
         args=lambda wc: fetch_args(wc.dataset),
+        raw_dir=lambda wc: f"{ds_dir(wc.dataset)}/raw",
     log:
         f"{OUT}/{{dataset}}/logs/fetch.log",
     benchmark:
@@ -86,7 +87,7 @@ rule fetch:
     resources:
         http=1,
     shell:
-        "dalle-data fetch {params.args} --raw-dir {OUT}/{wildcards.dataset}/raw > {log} 2>&1"
+        "dalle-data fetch {params.args} --raw-dir {params.raw_dir} > {log} 2>&1"
 
 
 rule normalize:
@@ -99,14 +100,16 @@ rule normalize:
         record=f"{OUT}/{{dataset}}/metadata/normalize.json",
     params:
         args=lambda wc: normalize_args(wc.dataset),
+        raw_dir=lambda wc: f"{ds_dir(wc.dataset)}/raw",
+        metadata_dir=lambda wc: f"{ds_dir(wc.dataset)}/metadata",
     log:
         f"{OUT}/{{dataset}}/logs/normalize.log",
     benchmark:
         f"{OUT}/{{dataset}}/benchmarks/normalize.tsv"
     threads: 2
     shell:
-        "dalle-data normalize {params.args} --raw-dir {OUT}/{wildcards.dataset}/raw"
-        " --metadata-dir {OUT}/{wildcards.dataset}/metadata > {log} 2>&1"
+        "dalle-data normalize {params.args} --raw-dir {params.raw_dir}"
+        " --metadata-dir {params.metadata_dir} > {log} 2>&1"
 
 
 rule filter:
@@ -122,6 +125,7 @@ rule filter:
         report=f"{OUT}/{{dataset}}/metadata/report.json",
     params:
         args=lambda wc: filter_args(wc.dataset),
+        metadata_dir=lambda wc: f"{ds_dir(wc.dataset)}/metadata",
     log:
         f"{OUT}/{{dataset}}/logs/filter.log",
     benchmark:
@@ -129,4 +133,4 @@ rule filter:
     threads: 2
     shell:
         "dalle-data filter {params.args} --workers {threads}"
-        " --metadata-dir {OUT}/{wildcards.dataset}/metadata > {log} 2>&1"
+        " --metadata-dir {params.metadata_dir} > {log} 2>&1"
