@@ -7,9 +7,10 @@ collated as uint8 numpy arrays (4x less inter-process traffic than float tensors
 
 The order of an epoch is a pure function of ``(seed, epoch)``: shards and the samples
 inside each shard are permuted, then split between *consumers* (one per DDP rank and
-loader worker): whole shards when there are at least as many shards as consumers, else
-samples by global index modulo the number of consumers. Every consumer gets the same
-number of batches, so DDP ranks stay in step and no sample is seen twice in an epoch.
+loader worker): whole shards when they divide evenly among the consumers or there are
+many per consumer, else samples by global index modulo the number of consumers. Every
+consumer gets the same number of batches, so DDP ranks stay in step and no sample is
+seen twice in an epoch.
 The random crop of a sample is seeded by ``(seed, epoch, shard, index)``, so a run
 resumed at step k sees exactly the batches an uninterrupted run would.
 """
@@ -31,6 +32,9 @@ from PIL import Image
 
 from dalle_data.shards import read_shard
 
+# Whole shards go to consumers when they divide evenly, or when there are this many per
+# consumer (the uneven remainder then costs at most a small share of the epoch).
+SHARDS_PER_CONSUMER = 8
 # A sample is addressed by (index into LoaderSpec.shards, position in that shard's tar).
 SampleRef = tuple[int, int]
 
@@ -100,7 +104,7 @@ def epoch_plan(spec: LoaderSpec, epoch: int) -> list[list[list[SampleRef]]]:
         for s in order
     ]
     n = spec.consumers
-    if len(spec.shards) >= n:
+    if len(spec.shards) % n == 0 or len(spec.shards) >= SHARDS_PER_CONSUMER * n:
         streams = [[ref for shard in per_shard[c::n] for ref in shard] for c in range(n)]
     else:
         flat = [ref for shard in per_shard for ref in shard]
