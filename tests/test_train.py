@@ -157,6 +157,8 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(
             proc.kill()
             pytest.fail("no step checkpoint within 120 s")
         time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.fail(f"train-extend exited early: {proc.stderr.read().decode()[-2000:]}")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     final = out / "custom" / f"{ARCH}_cc12m_6E" / f"{ARCH}_cc12m_6E.pt"
