@@ -130,7 +130,8 @@ rule filter:
         f"{OUT}/{{dataset}}/logs/filter.log",
     benchmark:
         f"{OUT}/{{dataset}}/benchmarks/filter.tsv"
-    threads: 2
+    # Caption cleaning (ftfy) runs in this many processes; Snakemake caps it at --cores.
+    threads: 8
     shell:
         "dalle-data filter {params.args} --workers {threads}"
         " --metadata-dir {params.metadata_dir} > {log} 2>&1"
