@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 import dalle_data.compat  # noqa: F401  (offline env vars and the dalle_pytorch shim, first)
 from tests.helpers.http import LocalServer, serve
 
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Snakemake rules call `dalle-data`: subprocesses must find this interpreter's scripts
+# even when pytest is run without activating the venv.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 
 @pytest.fixture
