@@ -28,9 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from common import write_result
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-RESULTS = REPO / "benchmarks" / "results" / "download.md"
 DISTINCT = 64  # distinct JPEG bodies, served under N distinct URLs
 
 
@@ -96,7 +97,7 @@ def pipeline(source_url: str, work: Path) -> tuple[float, int]:
         f"datasets:\n  cc12m:\n    format: cc12m\n    source: {source_url}\n"
     )
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WANDB_MODE": "disabled"}
-    command = [str(BIN / "snakemake"), "--cores", "2", "--configfile", str(extra), "cc12m_shards"]
+    command = [str(BIN / "snakemake"), "--cores", "2", "cc12m_shards", "--configfile", str(extra)]
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -140,9 +141,7 @@ same list for both runs, in one run. The pipeline time covers every stage (fetch
 filter, plan, download, finalize with tokenization, shards, manifest and card, verify with
 re-tokenization); finalize copies img2dataset's JPEG bytes without decoding them again.
 """
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
-    print(text)
+    write_result("download", text)
 
 
 if __name__ == "__main__":

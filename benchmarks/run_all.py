@@ -8,29 +8,14 @@ markdown section to benchmarks/results/<name>.md; this script only orchestrates.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
+from common import RESULTS
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}"
 
 
 def collect() -> None:
@@ -54,11 +39,10 @@ def main() -> int:
         scripts = sorted((ROOT / "benchmarks").glob("bench_*.py"))
         if args.only:
             scripts = [s for s in scripts if s.stem.removeprefix("bench_") in args.only]
-        env = {**os.environ, "BENCH_DATE": date.today().isoformat(), "BENCH_MACHINE": machine()}
         for script in scripts:
             print(f"== {script.name}", flush=True)
             start = time.monotonic()
-            rc = subprocess.call([sys.executable, str(script)], cwd=ROOT, env=env)
+            rc = subprocess.call([sys.executable, str(script)], cwd=ROOT)
             print(f"== {script.name}: exit {rc} after {time.monotonic() - start:.0f} s", flush=True)
             if rc:
                 failed.append(script.name)
