@@ -1,6 +1,7 @@
 """The last lines of ``make demo``: where the demo's outputs are and its measured quality.
 
-``python -m dalle_data.demo_summary data [configs/config.yaml]``
+``python -m dalle_data.demo_summary data [CONFIG ...]``: later config files override
+earlier ones, as with ``snakemake --configfile`` (default: configs/config.yaml).
 """
 
 from __future__ import annotations
@@ -8,14 +9,28 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from dalle_data import config as ddconfig
 from dalle_data.train import planned_output
 
 
-def summary(output_dir: Path, config_path: Path) -> str:
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def summary(output_dir: Path, config_paths: list[Path]) -> str:
     """A few lines naming the shards, the checkpoint, its card and the quality figure."""
-    config = ddconfig.load(config_path)
+    merged: dict[str, Any] = {}
+    for path in config_paths:
+        merged = _merge(merged, yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    config = ddconfig.validate(merged)
     train = config["train"]
     final = planned_output(
         Path(train["parent"]),
@@ -46,9 +61,9 @@ def summary(output_dir: Path, config_path: Path) -> str:
 
 def main(argv: list[str]) -> int:
     output_dir = Path(argv[0]) if argv else Path("data")
-    config_path = Path(argv[1]) if len(argv) > 1 else Path("configs/config.yaml")
+    configs = [Path(a) for a in argv[1:]] or [Path("configs/config.yaml")]
     try:
-        print(summary(output_dir, config_path))
+        print(summary(output_dir, configs))
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
