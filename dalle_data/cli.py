@@ -15,6 +15,13 @@ app = typer.Typer(
 )
 
 
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        fail(f"expected KEY=VALUE, got {item!r}")
+    return key, value
+
+
 def fail(message: str) -> None:
     """Print one clear error line and exit 1 (user or data error, not a bug)."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
@@ -169,6 +176,12 @@ def download_cmd(
         str, typer.Option(help="multiprocessing or pyspark")
     ] = "multiprocessing",
     user_agent_token: Annotated[str, typer.Option(help="token in the User-Agent")] = "dalle-data",
+    spark_master: Annotated[
+        str | None, typer.Option(help="pyspark: cluster master URL (default local[processes])")
+    ] = None,
+    spark_conf: Annotated[
+        list[str] | None, typer.Option(help="pyspark: a Spark setting KEY=VALUE (repeat)")
+    ] = None,
 ) -> None:
     """Download one part's images with img2dataset (resized, webdataset output)."""
     from dalle_data.download import DownloadError, DownloadSettings, download_part
@@ -183,6 +196,8 @@ def download_cmd(
         max_aspect_ratio=max_aspect_ratio,
         distributor=distributor,
         user_agent_token=user_agent_token,
+        spark_master=spark_master,
+        spark_conf=tuple(_key_value(item) for item in spark_conf or ()),
     )
     try:
         stats = download_part(part, out, settings)

@@ -8,12 +8,14 @@ img2dataset's incremental mode skips the shards that finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,25 +150,9 @@ class DownloadSettings:
     max_aspect_ratio: float = 3.0
     distributor: str = "multiprocessing"
     user_agent_token: str = "dalle-data"
-
-    @classmethod
-    def from_config(
-        cls, download: dict[str, Any], *, image_size: int, processes: int
-    ) -> DownloadSettings:
-        keys = (
-            "thread_count",
-            "timeout",
-            "retries",
-            "min_image_size",
-            "max_aspect_ratio",
-            "distributor",
-            "user_agent_token",
-        )
-        return cls(
-            image_size=image_size,
-            processes=processes,
-            **{k: download[k] for k in keys if k in download},
-        )
+    # pyspark only: the cluster to run on (None: local[processes]) and extra Spark settings.
+    spark_master: str | None = None
+    spark_conf: tuple[tuple[str, str], ...] = ()
 
     def output_affecting(self) -> dict[str, Any]:
         """Settings that change what lands in a part (a resumed part must share them)."""
@@ -178,6 +164,30 @@ class DownloadSettings:
             "max_aspect_ratio": self.max_aspect_ratio,
             "max_image_pixels": MAX_IMAGE_PIXELS,
         }
+
+
+@contextlib.contextmanager
+def spark_session(settings: DownloadSettings) -> Iterator[None]:
+    """For ``distributor: pyspark``, a Spark session on ``spark_master`` for img2dataset.
+
+    img2dataset's pyspark distributor uses the active session when there is one, else a
+    local one with 16 GB of driver memory; creating it here lets config point the download
+    at a real cluster (``spark://...``, ``yarn``, ``k8s://...``) with its own settings.
+    """
+    if settings.distributor != "pyspark":
+        yield
+        return
+    from pyspark.sql import SparkSession
+
+    master = settings.spark_master or f"local[{settings.processes}]"
+    builder = SparkSession.builder.appName("dalle-data download").master(master)
+    for key, value in settings.spark_conf:
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    try:
+        yield
+    finally:
+        spark.stop()
 
 
 def download_part(part: Path, out_dir: Path, settings: DownloadSettings) -> dict[str, Any]:
@@ -201,34 +211,35 @@ def download_part(part: Path, out_dir: Path, settings: DownloadSettings) -> dict
         shutil.rmtree(partial)  # left by a run with other settings: its shards do not apply
     partial.mkdir(parents=True, exist_ok=True)
     write_json(params_path, params)
-    img2dataset.download(
-        url_list=str(part),
-        input_format="parquet",
-        url_col="url",
-        save_additional_columns=["row_id", "license"],
-        output_folder=str(partial),
-        output_format="webdataset",
-        image_size=settings.image_size,
-        resize_mode="keep_ratio",
-        # Small images are upscaled too: every stored image has the configured shorter side,
-        # which DALLE-pytorch's crop expects; min_image_size refuses the truly tiny ones.
-        resize_only_if_bigger=False,
-        encode_format="jpg",
-        encode_quality=95,
-        min_image_size=settings.min_image_size,
-        max_aspect_ratio=settings.max_aspect_ratio,
-        timeout=settings.timeout,
-        retries=settings.retries,
-        processes_count=settings.processes,
-        thread_count=settings.thread_count,
-        number_sample_per_shard=per_shard,
-        distributor=settings.distributor,
-        user_agent_token=settings.user_agent_token,
-        extract_exif=False,
-        compute_hash="sha256",
-        enable_wandb=False,
-        incremental_mode="incremental",
-    )
+    with spark_session(settings):
+        img2dataset.download(
+            url_list=str(part),
+            input_format="parquet",
+            url_col="url",
+            save_additional_columns=["row_id", "license"],
+            output_folder=str(partial),
+            output_format="webdataset",
+            image_size=settings.image_size,
+            resize_mode="keep_ratio",
+            # Small images are upscaled too: every stored image has the configured shorter side,
+            # which DALLE-pytorch's crop expects; min_image_size refuses the truly tiny ones.
+            resize_only_if_bigger=False,
+            encode_format="jpg",
+            encode_quality=95,
+            min_image_size=settings.min_image_size,
+            max_aspect_ratio=settings.max_aspect_ratio,
+            timeout=settings.timeout,
+            retries=settings.retries,
+            processes_count=settings.processes,
+            thread_count=settings.thread_count,
+            number_sample_per_shard=per_shard,
+            distributor=settings.distributor,
+            user_agent_token=settings.user_agent_token,
+            extract_exif=False,
+            compute_hash="sha256",
+            enable_wandb=False,
+            incremental_mode="incremental",
+        )
     expected = math.ceil(rows / per_shard)
     done = sorted(partial.glob("*_stats.json"))
     if len(done) != expected:

@@ -6,6 +6,18 @@ wildcard_constraints:
     part="part-[0-9]{5}",
 
 
+def spark_options(download):
+    """`--spark-master`/`--spark-conf` arguments for the pyspark distributor (quoted)."""
+    from shlex import quote
+
+    args = []
+    if download.get("spark_master"):
+        args.append(f"--spark-master {quote(download['spark_master'])}")
+    for key, value in sorted(download.get("spark_conf", {}).items()):
+        args.append(f"--spark-conf {quote(f'{key}={value}')}")
+    return " ".join(args)
+
+
 checkpoint plan_download:
     input:
         f"{OUT}/{{dataset}}/metadata/filtered.parquet",
@@ -41,6 +53,7 @@ rule download:
     params:
         image_size=lambda wc: dataset_image_size(wc.dataset),
         d=config["download"],
+        spark=spark_options(config["download"]),
     log:
         f"{OUT}/{{dataset}}/logs/download/{{part}}.log",
     benchmark:
@@ -52,4 +65,4 @@ rule download:
         " --min-image-size {params.d[min_image_size]}"
         " --max-aspect-ratio {params.d[max_aspect_ratio]}"
         " --distributor {params.d[distributor]}"
-        " --user-agent-token {params.d[user_agent_token]} > {log} 2>&1"
+        " --user-agent-token {params.d[user_agent_token]} {params.spark} > {log} 2>&1"

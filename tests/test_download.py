@@ -163,6 +163,8 @@ def build(
     shard_size: int = 4,
     dataset: str = "test",
     tokenizer: str = "simple",
+    distributor: str = "multiprocessing",
+    processes: int = 1,
 ) -> dict:
     """plan-download -> download per part -> finalize, through the library functions."""
     plan = plan_download(
@@ -172,7 +174,11 @@ def build(
         allow_file_urls=allow_file_urls,
     )
     settings = DownloadSettings(
-        image_size=IMAGE_SIZE, processes=1, thread_count=16, timeout=TIMEOUT
+        image_size=IMAGE_SIZE,
+        processes=processes,
+        thread_count=16,
+        timeout=TIMEOUT,
+        distributor=distributor,
     )
     for part in plan["parts"]:
         download_part(
