@@ -29,7 +29,7 @@ def validate_dataset_name(name: str) -> str:
 
 def validate(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[str, Any]:
     """Validate ``config`` against the JSON schema and fill schema defaults in place."""
-    for name in (config.get("datasets") or {}):
+    for name in config.get("datasets") or {}:
         validate_dataset_name(str(name))
     schema = yaml.safe_load(schema_path.read_text())
     validator = jsonschema.Draft202012Validator(schema)
@@ -44,7 +44,32 @@ def validate(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[st
             + "\n  ".join(lines)
         )
     _fill_defaults(config, schema, schema)
+    _expand_output_dir(config)
     return config
+
+
+OUTPUT_DIR = "{output_dir}"
+
+
+def _expand_output_dir(config: dict[str, Any]) -> None:
+    """Replace ``{output_dir}`` in paths, so moving output_dir moves every built input too."""
+
+    def expand(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(OUTPUT_DIR, config["output_dir"])
+        if isinstance(value, list):
+            return [expand(v) for v in value]
+        return value
+
+    config["tokenizer"] = expand(config["tokenizer"])
+    for dataset in config["datasets"].values():
+        for key in ("source", "subset", "tokenizer"):
+            if key in dataset:
+                dataset[key] = expand(dataset[key])
+    train = config.get("train") or {}
+    for key in ("parent", "output_dir", "vqgan_model_path", "vqgan_config_path"):
+        if key in train:
+            train[key] = expand(train[key])
 
 
 def _fill_defaults(node: Any, schema: dict[str, Any], root: dict[str, Any]) -> None:

@@ -77,3 +77,15 @@ def test_snakemake_refuses_a_bad_dataset_name_before_any_work(tmp_path):
     )
     assert result.returncode != 0
     assert "dataset name 'my_set' is invalid" in result.stdout + result.stderr
+
+
+def test_output_dir_placeholder_follows_an_overridden_output_dir():
+    cfg = defaults()
+    cfg["output_dir"] = "/scratch/build"
+    config.validate(cfg)
+    assert cfg["datasets"]["sample"]["source"] == "/scratch/build/sample/source/sample.tsv"
+    assert config.dataset_tokenizer(cfg, "sample") == (
+        "hug:/scratch/build/sample/tokenizer/tokenizer.json"
+    )
+    assert cfg["train"]["output_dir"] == "/scratch/build/models"
+    assert cfg["datasets"]["cc12m"]["source"].startswith("https://")
