@@ -8,6 +8,8 @@ wrong. ``load(spec)`` takes the ``tokenizer`` config value (``simple``, ``hug:<j
 
 from __future__ import annotations
 
+import html
+import importlib.util
 import itertools
 import json
 import re
@@ -16,10 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ftfy
 import numpy as np
+import regex
 
 from dalle_data.atomic import atomic_open
-from dalle_data.compat import import_dalle_pytorch
 from dalle_data.hashing import sha256_bytes
 
 ID_DTYPE = np.int32
@@ -73,6 +76,69 @@ def _ids(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=ID_DTYPE).reshape(-1)
 
 
+# DALLE-pytorch 1.6.6's SimpleTokenizer (dalle_pytorch/tokenizer.py), rebuilt from its
+# bundled merges file without importing dalle_pytorch: that module imports torch and
+# transformers, about 8 s of start-up for every process that writes or verifies shards.
+# tests/test_tokenizers.py proves these equal the reference's functions and vocabulary.
+_CLIP_VOCAB_SIZE = 49408
+_CLIP_MERGES = 49152 - 256 - 2  # the reference keeps lines 1..this of the merges file
+_CLIP_PATTERN = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+
+
+def _clip_bpe_path() -> Path:
+    """dalle-pytorch's ``bpe_simple_vocab_16e6.txt``, found without importing the package."""
+    spec = importlib.util.find_spec("dalle_pytorch")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        raise TokenizerError(
+            "the `simple` tokenizer needs dalle-pytorch's bundled vocabulary, but dalle_pytorch "
+            "is not installed: `pip install dalle-pytorch==1.6.6`"
+        )
+    return Path(locations[0]) / "data" / "bpe_simple_vocab_16e6.txt"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The reference's printable stand-in character for every byte."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    bs += range(ord("®"), ord("ÿ") + 1)
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def _clip_vocab(merges_text: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The reference's ``encoder`` (token -> id) and merges in rank order."""
+    lines = merges_text.split("\n")[1 : _CLIP_MERGES + 1]
+    merges = [(a, b) for a, b in map(str.split, lines)]
+    vocab = list(_bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(merge) for merge in merges]
+    vocab += list(_CLIP_SPECIALS)
+    return dict(zip(vocab, range(len(vocab)), strict=True)), merges
+
+
+# The reference's word split and whitespace use the `regex` package (its \s and \p{L}
+# classes, which differ from re's on some characters).
+_CLIP_SPLIT = regex.compile(_CLIP_PATTERN, regex.IGNORECASE)
+_CLIP_SPACE = regex.compile(r"\s+")
+
+
+def _basic_clean(text: str) -> str:
+    text = ftfy.fix_text(text)
+    return html.unescape(html.unescape(text)).strip()
+
+
+def _whitespace_clean(text: str) -> str:
+    return _CLIP_SPACE.sub(" ", text).strip()
+
+
 class SimpleTokenizer(Tokenizer):
     """DALLE-pytorch's ``SimpleTokenizer`` (OpenAI CLIP BPE, 49408 tokens), many times faster.
 
@@ -105,24 +171,18 @@ class SimpleTokenizer(Tokenizer):
         from tokenizers import pre_tokenizers
         from tokenizers.models import BPE
 
-        import_dalle_pytorch()
-        from dalle_pytorch import tokenizer as dt
-
-        reference = dt.SimpleTokenizer()
-        self._basic_clean = dt.basic_clean
-        self._whitespace_clean = dt.whitespace_clean
-        self._split = reference.pat
         self.spec = "simple"
-        self.vocab_size = int(reference.vocab_size)
+        self.vocab_size = _CLIP_VOCAB_SIZE
         # The merges file is bundled with dalle-pytorch; its bytes define the vocabulary.
-        self.fingerprint = _fingerprint(self.kind, Path(dt.default_bpe()).read_bytes())
-
-        merges = sorted(reference.bpe_ranks, key=reference.bpe_ranks.__getitem__)
-        model = BPE(vocab=dict(reference.encoder), merges=merges, end_of_word_suffix="</w>")
+        content = _clip_bpe_path().read_bytes()
+        self.fingerprint = _fingerprint(self.kind, content)
+        encoder, merges = _clip_vocab(content.decode("utf-8"))
+        self._split = _CLIP_SPLIT
+        model = BPE(vocab=encoder, merges=merges, end_of_word_suffix="</w>")
         self._bpe = HFTokenizer(model)
         # Words arrive already split by the reference regex; each is one BPE word.
         self._bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        self._special_ids = {w: reference.encoder[w] for w in _CLIP_SPECIALS}
+        self._special_ids = {w: encoder[w] for w in _CLIP_SPECIALS}
         self._reset_cache()
 
     def _reset_cache(self) -> None:
@@ -134,7 +194,7 @@ class SimpleTokenizer(Tokenizer):
     def _chunks(self, text: str) -> list[str]:
         if _ASCII_SAFE.fullmatch(text):
             return text.lower().split()
-        cleaned = self._whitespace_clean(self._basic_clean(text)).lower()
+        cleaned = _whitespace_clean(_basic_clean(text)).lower()
         return cleaned.split(" ") if cleaned else []
 
     def _learn(self, chunks: list[str]) -> None:

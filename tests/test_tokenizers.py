@@ -148,6 +148,39 @@ def test_ascii_fast_path_skips_only_what_ftfy_and_unescape_leave_alone():
     assert ftfy.fix_text("a\r\nb\rc") == "a\nb\nc"  # only whitespace changes
 
 
+def test_simple_vocabulary_and_clean_up_are_the_references(reference):
+    """The simple tokenizer rebuilds DALLE-pytorch's vocabulary, word regex and clean-up
+    without importing dalle_pytorch; they must be the reference's own."""
+    encoder, merges = tokenizers._clip_vocab(Path(dt.default_bpe()).read_text(encoding="utf-8"))
+    assert encoder == reference.encoder
+    assert merges == sorted(reference.bpe_ranks, key=reference.bpe_ranks.__getitem__)
+    assert tokenizers._CLIP_VOCAB_SIZE == reference.vocab_size
+    assert tokenizers._CLIP_SPLIT.pattern == reference.pat.pattern
+    assert tokenizers._CLIP_SPLIT.flags == reference.pat.flags
+    assert tokenizers._clip_bpe_path() == Path(dt.default_bpe())
+    for text in HOSTILE:
+        assert tokenizers._basic_clean(text) == dt.basic_clean(text), repr(text)
+        assert tokenizers._whitespace_clean(text) == dt.whitespace_clean(text), repr(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_simple_clean_up_matches_the_reference_on_random_unicode(text):
+    assert tokenizers._basic_clean(text) == dt.basic_clean(text)
+    assert tokenizers._whitespace_clean(text) == dt.whitespace_clean(text)
+
+
+def test_simple_tokenizer_does_not_import_torch():
+    """Every process that writes or verifies shards loads it: torch would add seconds."""
+    code = (
+        "import sys; from dalle_data import tokenizers;"
+        " ids = tokenizers.load('simple').encode_batch(['a cat'])[0].tolist();"
+        " print(ids, sorted(m for m in ('torch', 'dalle_pytorch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "[320, 2368] []"
+
+
 def test_simple_record_is_stable_and_path_free(simple):
     record = simple.record()
     assert record == {
