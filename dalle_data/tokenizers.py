@@ -83,7 +83,8 @@ def _ids(values: Any) -> np.ndarray:
 _CLIP_VOCAB_SIZE = 49408
 _CLIP_MERGES = 49152 - 256 - 2  # the reference keeps lines 1..this of the merges file
 _CLIP_PATTERN = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+    r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 )
 
 
@@ -234,8 +235,8 @@ class SimpleTokenizer(Tokenizer):
         if missing.any():
             unseen = list(itertools.compress(chunks, missing.tolist()))
             self._learn(list(dict.fromkeys(unseen)))
-            get = self._chunk_index.__getitem__
-            ids[missing] = np.fromiter(map(get, unseen), dtype=np.int64, count=len(unseen))
+            learned = map(self._chunk_index.__getitem__, unseen)
+            ids[missing] = np.fromiter(learned, dtype=np.int64, count=len(unseen))
         return ids
 
     def _encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
