@@ -107,6 +107,9 @@ def train_discrete_vae(
     steps = int(settings.get("steps", 0))
     if steps <= 0:
         return math.nan
+    from dalle_data.train import limit_cpu_threads
+
+    limit_cpu_threads()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae.to(device).train()
     seed = int(settings.get("seed", 0))
