@@ -22,7 +22,7 @@ import unicodedata
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -315,8 +315,9 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
     dropped.parquet (normalize's and filter's dropped rows), filter.json and report.json.
 
     Two passes: the first reads only row ids and URLs and decides subset, URL scheme and
-    duplicates (first row_id wins among valid URLs); the second cleans captions in worker
-    processes, applies the caption filters and writes every row to one of the outputs.
+    duplicates (first row_id wins among valid URLs); the second cleans captions (in worker
+    processes when there are several batches), applies the caption filters and writes every
+    row to one of the outputs.
     """
     start = time.perf_counter()
     normalized = metadata_dir / "normalized.parquet"
@@ -346,12 +347,13 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
     dropped |= {u.name: 0 for u in caption_units}
 
     workers = options.workers or len(os.sched_getaffinity(0))
+    batches = -(-source.metadata.num_rows // BATCH_ROWS)
     with (
         atomic.atomic_path(metadata_dir / "dropped.parquet") as dropped_tmp,
         atomic.atomic_path(metadata_dir / "filtered.parquet") as out_tmp,
         pq.ParquetWriter(dropped_tmp, DROPPED_SCHEMA, **DROPPED_PARQUET) as dropped_writer,
         pq.ParquetWriter(out_tmp, SCHEMA, **ROWS_PARQUET) as writer,
-        ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool,
+        _caption_executor(workers, batches) as pool,
     ):
         _copy_normalize_dropped(metadata_dir, dropped_writer)
         finish = partial(
@@ -399,6 +401,23 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
     atomic.write_json(metadata_dir / "filter.json", record)
     atomic.write_json(metadata_dir / "report.json", report(metadata_dir, record))
     return record
+
+
+def _caption_executor(workers: int, batches: int) -> Executor:
+    """Worker processes for caption cleaning, or none when there is a single batch: a spawned
+    pool takes about a second to start, and one batch leaves nothing to overlap."""
+    if batches <= 1:
+        return _Inline()
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+
+
+class _Inline(Executor):
+    """An executor that runs each task in this process when it is submitted."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
 
 
 def url_verdicts(source: pq.ParquetFile, units: list[Filter]) -> np.ndarray:

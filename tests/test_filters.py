@@ -232,6 +232,41 @@ def test_run_with_subset_records_rule_and_size(tmp_path: Path) -> None:
     assert dropped.num_rows == 900 and dropped.column("url").null_count == 900  # ids only
 
 
+def test_worker_pool_and_inline_cleaning_write_the_same_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One batch is cleaned in this process, several in a spawned pool: same results."""
+    n = 40
+    urls = [f"https://x/{i % 35}" for i in range(n)]
+    # Mojibake and entities to clean; every third caption too long once cleaned.
+    captions = [
+        [f"  a  cat {i} ", f"caf\u00c3\u00a9 &amp; dog {i}", f"a&nbsp;big dog {i} x y"][i % 3]
+        for i in range(n)
+    ]
+    results = {}
+    for batch_rows in (filters.BATCH_ROWS, 7):
+        monkeypatch.setattr(filters, "BATCH_ROWS", batch_rows)
+        metadata = tmp_path / str(batch_rows) / "metadata"
+        _write_normalized(metadata, _rows(urls, captions))
+        record = run(metadata, FilterOptions(max_words=4, workers=2))
+        results[batch_rows] = (
+            {k: record[k] for k in ("input_rows", "dropped", "output_rows")},
+            pq.read_table(metadata / "filtered.parquet").to_pylist(),
+            sorted(pq.read_table(metadata / "dropped.parquet").column("row_id").to_pylist()),
+        )
+    inline, pooled = results.values()
+    assert inline == pooled
+    assert inline[0]["dropped"] == {
+        "subset": 0,
+        "url_scheme": 0,
+        "duplicate_url": 5,
+        "empty_caption": 0,
+        "caption_length": 11,
+    }
+    assert inline[0]["output_rows"] == 24
+    assert inline[1][0]["caption"] == "a cat 0" and inline[1][1]["caption"] == "café & dog 1"
+
+
 def test_cli_filter_without_normalized_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["filter", "--metadata-dir", str(tmp_path)])
     assert result.exit_code == 1
