@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from dalle_data.atomic import write_json
 from dalle_data.hashing import sha256_file
-from dalle_data.shards import read_shard
+from dalle_data.shards import tar_members
 
 MANIFEST = "manifest.json"
 VERIFY_RECORD = "verify.json"
@@ -109,6 +109,7 @@ def verify(shards_dir: Path, *, retokenize: int = 0) -> dict[str, Any]:
     shards_dir = Path(shards_dir)
     manifest = read_manifest(shards_dir)
     total = 0
+    layouts: dict[str, list[_Layout]] = {}
     for shard in tqdm(manifest["shards"], desc="verify", unit=" shards", mininterval=2.0):
         path = shards_dir / shard["name"]
         if not path.is_file():
@@ -122,7 +123,8 @@ def verify(shards_dir: Path, *, retokenize: int = 0) -> dict[str, Any]:
             raise ManifestError(
                 f"shard {path} was altered (sha256 differs from {MANIFEST}): rebuild it"
             )
-        count = _count_samples(path)
+        layouts[shard["name"]] = _complete_samples(path)
+        count = len(layouts[shard["name"]])
         if count != shard["samples"]:
             raise ManifestError(
                 f"shard {path} holds {count} complete samples, the manifest says {shard['samples']}"
@@ -133,7 +135,9 @@ def verify(shards_dir: Path, *, retokenize: int = 0) -> dict[str, Any]:
             f"the shards hold {total} samples, counts.written says {manifest['counts']['written']}"
         )
     check_counts(manifest["counts"])
-    checked = _retokenize(shards_dir, manifest, retokenize) if retokenize > 0 and total else 0
+    checked = (
+        _retokenize(shards_dir, manifest, layouts, retokenize) if retokenize > 0 and total else 0
+    )
     return {
         "dataset": manifest["dataset"],
         "manifest_sha256": sha256_file(shards_dir / MANIFEST),
@@ -143,19 +147,28 @@ def verify(shards_dir: Path, *, retokenize: int = 0) -> dict[str, Any]:
     }
 
 
-def _count_samples(path: Path) -> int:
-    count = 0
-    for sample in read_shard(path):
-        missing = [f for f in SAMPLE_FIELDS if f not in sample]
+# A sample's key and, per field, where its bytes lie in the shard: (offset, size).
+_Layout = tuple[str, dict[str, tuple[int, int]]]
+
+
+def _complete_samples(path: Path) -> list[_Layout]:
+    """The samples of a shard from its tar headers alone, refusing one that lacks a field."""
+    samples: list[_Layout] = []
+    for name, offset, size in tar_members(path):
+        key, _, ext = name.partition(".")
+        if not samples or samples[-1][0] != key:
+            samples.append((key, {}))
+        samples[-1][1][ext] = (offset, size)
+    for key, fields in samples:
+        missing = [f for f in SAMPLE_FIELDS if f not in fields]
         if missing:
-            raise ManifestError(
-                f"shard {path} sample {sample['__key__']} lacks {', '.join(missing)}: rebuild it"
-            )
-        count += 1
-    return count
+            raise ManifestError(f"shard {path} sample {key} lacks {', '.join(missing)}: rebuild it")
+    return samples
 
 
-def _retokenize(shards_dir: Path, manifest: dict[str, Any], n: int) -> int:
+def _retokenize(
+    shards_dir: Path, manifest: dict[str, Any], layouts: dict[str, list[_Layout]], n: int
+) -> int:
     """Compare stored ``tok.npy`` with a fresh encoding of ``txt`` for ``n`` spread-out samples."""
     from dalle_data import tokenizers
 
@@ -176,16 +189,13 @@ def _retokenize(shards_dir: Path, manifest: dict[str, Any], n: int) -> int:
     index = 0
     picked: list[tuple[str, str, str, np.ndarray]] = []
     for shard in manifest["shards"]:
-        if not any(index <= i < index + shard["samples"] for i in wanted):
-            index += shard["samples"]
-            continue
-        for sample in read_shard(shards_dir / shard["name"]):
-            if index in wanted:
-                tokens = np.load(io.BytesIO(sample["tok.npy"]), allow_pickle=False)
-                picked.append(
-                    (shard["name"], sample["__key__"], sample["txt"].decode("utf-8"), tokens)
-                )
-            index += 1
+        with open(shards_dir / shard["name"], "rb") as fh:
+            for key, fields in layouts[shard["name"]]:
+                if index in wanted:
+                    txt, tok = _read(fh, fields["txt"]), _read(fh, fields["tok.npy"])
+                    tokens = np.load(io.BytesIO(tok), allow_pickle=False)
+                    picked.append((shard["name"], key, txt.decode("utf-8"), tokens))
+                index += 1
     fresh = tokenizer.encode_batch([caption for _, _, caption, _ in picked])
     for (name, key, caption, stored), ids in zip(picked, fresh, strict=True):
         if not np.array_equal(np.asarray(ids, dtype=np.int64), stored.astype(np.int64)):
@@ -195,3 +205,8 @@ def _retokenize(shards_dir: Path, manifest: dict[str, Any], n: int) -> int:
                 "altered after tokenization): rebuild the shards"
             )
     return len(picked)
+
+
+def _read(fh: Any, where: tuple[int, int]) -> bytes:
+    fh.seek(where[0])
+    return fh.read(where[1])

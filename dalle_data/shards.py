@@ -7,8 +7,10 @@ same inputs give the same sha256 on any machine, whatever the download was split
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 import time
@@ -24,7 +26,6 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from dalle_data.atomic import atomic_path, write_json
-from dalle_data.hashing import sha256_file
 
 KEY = re.compile(r"^[0-9]+$")
 TOKEN_DTYPE = np.dtype("<i4")
@@ -83,15 +84,66 @@ def sample_members(sample: Sample) -> list[tuple[str, bytes]]:
     return [(f"{sample.key}.{ext}", fields[ext]) for ext in sorted(fields)]
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _tar_header(name: str, size: int) -> bytes:
+    """The header ``tarfile`` writes for a member with the shard contract's fixed metadata."""
     info = tarfile.TarInfo(name)
-    info.size = len(data)
+    info.size = size
     info.mtime = 0
     info.mode = 0o644
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     info.type = tarfile.REGTYPE
-    tar.addfile(info, io.BytesIO(data))
+    return info.tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+_BLOCK = tarfile.BLOCKSIZE
+_NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
+_TEMPLATE = _tar_header("", 0)
+# The header checksum is the byte sum with its own field read as spaces: the template's sum
+# without its name and size fields, plus those of each member.
+_TEMPLATE_SUM = sum(_TEMPLATE) - sum(_TEMPLATE[_CHKSUM]) + 8 * ord(" ") - sum(_TEMPLATE[_SIZE])
+
+
+class _TarWriter:
+    """Writes what ``tarfile`` (GNU format) writes for these members, hashing as it goes.
+
+    Headers come from one template (a name and a size patched in, the checksum recomputed):
+    ``TarInfo.tobuf`` per member cost a third of finalize's time. Names that need more
+    than a plain header (over 100 bytes) and huge members take ``tobuf``.
+    """
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def _write(self, data: bytes) -> None:
+        self.fh.write(data)
+        self.sha256.update(data)
+        self.bytes += len(data)
+
+    def add(self, name: str, data: bytes) -> None:
+        raw = name.encode(tarfile.ENCODING, "surrogateescape")
+        size = len(data)
+        if len(raw) > 100 or size >= 8**11:
+            header = _tar_header(name, size)
+        else:
+            fields = bytearray(_TEMPLATE)
+            fields[: len(raw)] = raw
+            fields[_SIZE] = b"%011o\0" % size
+            checksum = _TEMPLATE_SUM + sum(raw) + sum(fields[_SIZE])
+            fields[_CHKSUM] = b"%06o\0 " % checksum
+            header = bytes(fields)
+        self._write(header)
+        self._write(data)
+        if size % _BLOCK:
+            self._write(bytes(_BLOCK - size % _BLOCK))
+
+    def close(self) -> None:
+        """The end-of-archive blocks, then zeros to a whole record, as ``tarfile`` does."""
+        self._write(bytes(2 * _BLOCK))
+        if self.bytes % tarfile.RECORDSIZE:
+            self._write(bytes(tarfile.RECORDSIZE - self.bytes % tarfile.RECORDSIZE))
 
 
 def _ordered(samples: Iterable[Sample]) -> Iterator[Sample]:
@@ -133,22 +185,20 @@ def write_shards(
                 break
             name = shard_name(dataset, len(records))
             count = 0
-            with (
-                atomic_path(out_dir / name) as tmp,
-                tarfile.open(tmp, "w", format=TAR_FORMAT) as tar,
-            ):
+            with atomic_path(out_dir / name) as tmp, open(tmp, "wb") as fh:
+                tar = _TarWriter(fh)
                 for sample in _chain(first, batch_iter):
                     for member, data in sample_members(sample):
-                        _add_member(tar, member, data)
+                        tar.add(member, data)
                     count += 1
                     progress.update()
-            path = out_dir / name
+                tar.close()
             records.append(
                 {
                     "name": name,
-                    "sha256": sha256_file(path),
+                    "sha256": tar.sha256.hexdigest(),
                     "samples": count,
-                    "bytes": path.stat().st_size,
+                    "bytes": tar.bytes,
                 }
             )
     _remove_stale(out_dir, dataset, {r["name"] for r in records})
@@ -175,20 +225,64 @@ def _remove_stale(out_dir: Path, dataset: str, keep: set[str]) -> None:
             path.unlink()
 
 
+def tar_members(path: Path) -> list[tuple[str, int, int]]:
+    """``(name, data offset, size)`` of every regular file in a tar, in archive order.
+
+    Reads only the 512-byte headers, about 15x faster than iterating a ``TarFile``. An
+    archive with anything but plain ustar/GNU file and directory headers (PAX records, long
+    names, a bad checksum, a truncated member) goes through ``tarfile``, errors included.
+    """
+    members: list[tuple[str, int, int]] = []
+    with open(path, "rb") as fh:
+        end = os.fstat(fh.fileno()).st_size
+        offset = 0
+        while offset < end:
+            fh.seek(offset)
+            header = fh.read(_BLOCK)
+            if len(header) < _BLOCK:
+                return _tarfile_members(path)
+            if not any(header):
+                break
+            size = _plain_member_size(header)
+            if size is None:
+                return _tarfile_members(path)
+            if header[156] in b"0\0":
+                name = header[_NAME].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
+                members.append((name, offset + _BLOCK, size))
+            offset += _BLOCK + -(-size // _BLOCK) * _BLOCK
+    return members if offset <= end else _tarfile_members(path)
+
+
+def _plain_member_size(header: bytes) -> int | None:
+    """The size of a plain file or directory header with a valid checksum, else None."""
+    if header[156] not in b"05\0" or (header[257:263] == b"ustar\0" and header[345] != 0):
+        return None
+    try:
+        size = int(header[_SIZE].split(b"\0", 1)[0].strip() or b"0", 8)
+        stored = int(header[_CHKSUM].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    checksum = sum(header) - sum(header[_CHKSUM]) + 8 * ord(" ")
+    return size if checksum == stored else None
+
+
+def _tarfile_members(path: Path) -> list[tuple[str, int, int]]:
+    with tarfile.open(path, "r:") as tar:
+        return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+
+
 def read_shard(path: Path) -> Iterator[dict[str, bytes]]:
     """Yield the samples of one shard as ``{"__key__": key, ext: bytes, ...}`` dicts."""
     current: dict[str, Any] = {}
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
+    with open(path, "rb") as fh:
+        for name, offset, size in tar_members(path):
+            key, _, ext = name.partition(".")
             if current and current["__key__"] != key:
                 yield current
                 current = {}
             current["__key__"] = key
-            handle = tar.extractfile(member)
-            current[ext] = handle.read() if handle is not None else b""
+            fh.seek(offset)
+            current[ext] = fh.read(size)
     if current:
         yield current
 
@@ -471,10 +565,11 @@ class _TarIndex:
             path = self.part_dir / shard
             if not path.is_file():
                 return None
-            with tarfile.open(path, "r:") as tar:
-                self.index[shard] = {
-                    m.name: (m.offset_data, m.size) for m in tar if m.name.endswith(".jpg")
-                }
+            self.index[shard] = {
+                name: (offset, size)
+                for name, offset, size in tar_members(path)
+                if name.endswith(".jpg")
+            }
             self.handles[shard] = open(path, "rb")  # noqa: SIM115 (closed in __exit__)
         entry = self.index[shard].get(f"{key}.jpg")
         if entry is None:

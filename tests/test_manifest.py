@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from dalle_data import tokenizers
 from dalle_data.hashing import sha256_file
 from dalle_data.manifest import ManifestError, read_manifest, verify, write_manifest
 from dalle_data.shards import write_shards
@@ -100,3 +102,30 @@ def test_verify_counts_complete_samples(tmp_path: Path) -> None:
 def test_missing_manifest(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="manifest.json does not exist"):
         verify(tmp_path)
+
+
+def test_verify_retokenizes_spread_out_captions(tmp_path: Path) -> None:
+    """Stored tok.npy must equal a fresh encoding of txt; a mismatch names shard and key."""
+    simple = tokenizers.load("simple")
+    samples = make_samples(7)
+    ids = simple.encode_batch([s.txt for s in samples])
+    good = [replace(s, tokens=t) for s, t in zip(samples, ids, strict=True)]
+    bad = list(good)
+    bad[5] = replace(bad[5], tokens=bad[5].tokens[:-1])
+    for name, chosen in (("good", good), ("bad", bad)):
+        folder = tmp_path / name
+        shards = write_shards(chosen, folder, dataset="demo", shard_size=3)
+        counts = {"input_rows": 7, "dropped": {}, "failed": {}, "written": 7}
+        write_manifest(
+            folder,
+            dataset="demo",
+            tokenizer=simple.record(),
+            image_size=64,
+            shards=shards,
+            counts=counts,
+        )
+    assert verify(tmp_path / "good", retokenize=100)["retokenized"] == 7
+    assert verify(tmp_path / "good", retokenize=2)["retokenized"] == 2
+    assert verify(tmp_path / "bad", retokenize=2)["retokenized"] == 2  # samples 0 and 6
+    with pytest.raises(ManifestError, match=rf"demo-00001\.tar sample {bad[5].key}: tok.npy"):
+        verify(tmp_path / "bad", retokenize=7)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -10,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dalle_data.shards import Sample, ShardError, read_shard, row_key, write_shards
+from dalle_data.shards import (
+    Sample,
+    ShardError,
+    read_shard,
+    row_key,
+    sample_members,
+    tar_members,
+    write_shards,
+)
 
 
 def make_samples(n: int, start: int = 0) -> list[Sample]:
@@ -78,3 +87,80 @@ def test_refuses_bad_tokens(tmp_path: Path) -> None:
     bad = Sample(row_key(1), b"x", "t", {}, np.zeros((2, 2), dtype=np.int32))
     with pytest.raises(ShardError, match="1-D integer"):
         write_shards([bad], tmp_path, dataset="demo", shard_size=10)
+
+
+def tarfile_shard(samples: list[Sample], path: Path) -> None:
+    """The shard contract written with tarfile itself: the reference for the fast writer."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for sample in samples:
+            for name, data in sample_members(sample):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_shard_bytes_are_what_tarfile_writes(tmp_path: Path) -> None:
+    samples = make_samples(6)
+    # A 110-digit key: its member names need GNU long-name headers.
+    samples.append(Sample("9" * 110, b"\xff" * 513, "long", {}, np.arange(3)))
+    records = write_shards(samples, tmp_path / "fast", dataset="demo", shard_size=4)
+    for record, chunk in zip(records, (samples[:4], samples[4:]), strict=True):
+        tarfile_shard(chunk, tmp_path / "reference.tar")
+        written = (tmp_path / "fast" / record["name"]).read_bytes()
+        assert written == (tmp_path / "reference.tar").read_bytes()
+        assert record["sha256"] == hashlib.sha256(written).hexdigest()
+        assert record["bytes"] == len(written)
+
+
+def tarfile_listing(path: Path) -> list[tuple[str, int, int]]:
+    with tarfile.open(path, "r:") as tar:
+        return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_members_lists_what_tarfile_lists(tmp_path: Path, fmt: int) -> None:
+    path = tmp_path / "any.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in [
+            ("a.jpg", b"1" * 700),
+            ("dir", None),
+            ("dir/b.txt", b""),
+            ("é.txt", b"2"),
+        ]:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert tar_members(path) == tarfile_listing(path)
+    assert [m[0] for m in tar_members(path)] == ["a.jpg", "dir/b.txt", "é.txt"]
+
+
+def test_tar_members_leaves_damaged_tars_to_tarfile(tmp_path: Path) -> None:
+    write_shards(make_samples(3), tmp_path, dataset="demo", shard_size=3)
+    shard = (tmp_path / "demo-00000.tar").read_bytes()
+    damaged = {
+        "cut_in_data": shard[:600],
+        "cut_in_padding": shard[:1000],
+        "cut_in_header": shard[:1100],
+        "bad_first_header": b"X" + shard[1:],
+        # tarfile ends the listing quietly at a bad header after the first.
+        "bad_second_header": shard[:1024] + b"X" + shard[1025:],
+    }
+    for name, data in damaged.items():
+        path = tmp_path / f"{name}.tar"
+        path.write_bytes(data)
+        try:
+            expected: object = tarfile_listing(path)
+        except tarfile.ReadError as err:
+            expected = str(err)
+        try:
+            got: object = tar_members(path)
+        except tarfile.ReadError as err:
+            got = str(err)
+        assert got == expected, name
+    assert [m[0] for m in tar_members(tmp_path / "bad_second_header.tar")] == ["000000000000.jpg"]
