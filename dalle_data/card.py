@@ -2,8 +2,9 @@
 
 Everything here is derived from ``manifest.json``, ``index.parquet`` (per-sample caption
 length and original size, written by finalize so the card never re-reads every image) and
-the first shard (for the contact sheet). PNGs are written with fixed metadata, so the same
-shards give the same card bytes.
+the first shard (for the contact sheet). The PNGs are drawn with Pillow in a few tens of
+milliseconds (matplotlib's import and layout took about two seconds of every build) and
+carry no metadata, so the same shards give the same card bytes.
 """
 
 from __future__ import annotations
@@ -44,9 +45,6 @@ REASONS = {
 
 def write_card(shards_dir: Path) -> Path:
     """Write ``README.md`` and its three PNGs beside the shards; return the card's path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     shards_dir = Path(shards_dir)
     manifest = read_manifest(shards_dir)
     index_path = shards_dir / INDEX
@@ -148,17 +146,20 @@ def _markdown(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
+def _font(size: int) -> Any:
+    from PIL import ImageFont
 
+    return ImageFont.load_default(size=size)
+
+
+def _save(image: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80, metadata={"Software": None})
-    plt.close(fig)
+        image.save(tmp, format="PNG", optimize=False)
 
 
 def _contact_sheet(shards_dir: Path, manifest: dict[str, Any], path: Path) -> None:
-    import matplotlib.pyplot as plt
-    from PIL import Image
+    """The first samples as thumbnails, each over its caption (at most three lines)."""
+    from PIL import Image, ImageDraw
 
     samples = []
     for shard in manifest["shards"]:
@@ -168,30 +169,58 @@ def _contact_sheet(shards_dir: Path, manifest: dict[str, Any], path: Path) -> No
                 break
         if len(samples) == SHEET_SAMPLES:
             break
-    cols = 4
+    cols, cell, text_height, margin, title_height = 4, 200, 44, 8, 32
     rows = max(1, -(-len(samples) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 3.0), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, sample in zip(axes.flat, samples, strict=False):
-        ax.imshow(np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB")))
-        caption = sample["txt"].decode("utf-8")
-        ax.set_title(textwrap.fill(textwrap.shorten(caption, 70), 28), fontsize=7)
+    size = (cols * (cell + margin) + margin, title_height + rows * (cell + text_height + margin))
+    sheet = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(sheet)
+    title = f"{manifest['dataset']}: first {len(samples)} samples"
+    draw.text((size[0] // 2, 8), title, fill="black", font=_font(16), anchor="mt")
+    font = _font(11)
+    for i, sample in enumerate(samples):
+        x = margin + (i % cols) * (cell + margin)
+        y = title_height + (i // cols) * (cell + text_height + margin)
+        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        image.thumbnail((cell, cell))
+        sheet.paste(image, (x + (cell - image.width) // 2, y + cell - image.height))
+        caption = textwrap.shorten(sample["txt"].decode("utf-8"), 100)
+        for line, text in enumerate(textwrap.wrap(caption, 34)[:3]):
+            draw.text((x, y + cell + 2 + 13 * line), text, fill="black", font=font)
     if not samples:
-        axes[0][0].text(0.5, 0.5, "no samples", ha="center")
-    fig.suptitle(f"{manifest['dataset']}: first {len(samples)} samples", fontsize=10)
-    fig.tight_layout()
-    _save(fig, path)
+        draw.text((size[0] // 2, size[1] // 2), "no samples", fill="black", font=font, anchor="mm")
+    _save(sheet, path)
 
 
 def _histogram(values: np.ndarray, xlabel: str, title: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    """A bar histogram (up to 50 bins) with its count and value range marked on the axes."""
+    from PIL import Image, ImageDraw
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    width, height = 480, 300
+    x0, y0, x1, y1 = 64, 36, width - 20, height - 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = _font(12)
+    draw.text((width // 2, 10), f"{title} (n={values.size})", fill="black", font=font, anchor="mt")
     if values.size:
-        ax.hist(values, bins=min(50, max(1, len(np.unique(values)))), color="#4c72b0")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("samples")
-    ax.set_title(f"{title} (n={values.size})", fontsize=10)
-    fig.tight_layout()
-    _save(fig, path)
+        counts, edges = np.histogram(values, bins=min(50, len(np.unique(values))))
+        peak = int(counts.max())
+        scale_x = (x1 - x0) / (edges[-1] - edges[0])
+        for count, low, high in zip(counts.tolist(), edges[:-1], edges[1:], strict=True):
+            if count:
+                top = y1 - count / peak * (y1 - y0)
+                left, right = x0 + (low - edges[0]) * scale_x, x0 + (high - edges[0]) * scale_x
+                draw.rectangle((left, top, right, y1), fill="#4c72b0", outline="white")
+        for value in (edges[0], (edges[0] + edges[-1]) / 2, edges[-1]):
+            x = x0 + (value - edges[0]) * scale_x
+            draw.line((x, y1, x, y1 + 4), fill="black")
+            draw.text((x, y1 + 6), f"{value:.4g}", fill="black", font=font, anchor="mt")
+        for count in sorted({0, peak // 2, peak}):
+            y = y1 - count / peak * (y1 - y0)
+            draw.line((x0 - 4, y, x0, y), fill="black")
+            draw.text((x0 - 6, y), str(count), fill="black", font=font, anchor="rm")
+    draw.line((x0, y0, x0, y1, x1, y1), fill="black")
+    draw.text(((x0 + x1) // 2, height - 8), xlabel, fill="black", font=font, anchor="mb")
+    label = Image.new("RGB", (80, 16), "white")
+    ImageDraw.Draw(label).text((40, 8), "samples", fill="black", font=font, anchor="mm")
+    image.paste(label.rotate(90, expand=True), (4, (y0 + y1) // 2 - 40))
+    _save(image, path)

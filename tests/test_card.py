@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from dalle_data.card import write_card
+from dalle_data.card import _histogram, write_card
 from dalle_data.manifest import write_manifest
 from dalle_data.shards import INDEX, Sample, row_key, write_shards
 from tests.test_download import image_bytes
@@ -75,3 +75,12 @@ def test_card_contents_and_stable_bytes(tmp_path: Path) -> None:
     sheet = Image.open(tmp_path / "a" / "contact_sheet.png")
     assert sheet.format == "PNG" and sheet.size[0] > 400
     assert "Software" not in sheet.info
+
+
+def test_histograms_draw_bars_only_for_data(tmp_path: Path) -> None:
+    bar = (0x4C, 0x72, 0xB0)
+    for name, values in (("empty", []), ("one", [480] * 3), ("many", list(range(3, 90)))):
+        _histogram(np.asarray(values, dtype=np.int64), "x", name, tmp_path / f"{name}.png")
+        image = Image.open(tmp_path / f"{name}.png").convert("RGB")
+        colours = {c for _, c in image.getcolors(maxcolors=1 << 16)}
+        assert (bar in colours) == bool(values), name
