@@ -151,7 +151,8 @@ The baseline loop decodes with PIL, tokenizes captions on the fly with DALLE-pyt
 HugTokenizer, crops with torchvision's RandomResizedCrop and batches with webdataset's
 WebLoader, as train_dalle.py --wds does. train-extend's time includes its pre-flight
 checks (parent load, manifest verify) and writing the checkpoint; the baseline's
-includes loading the parent.
+includes loading the parent. Both run in one process after train-extend set torch to
+one intra-op thread on CPU, so both train with the same thread count.
 
 | measure | dalle-data | train_dalle.py --wds path | ratio |
 |---|---|---|---|
