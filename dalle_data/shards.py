@@ -228,11 +228,14 @@ def _remove_stale(out_dir: Path, dataset: str, keep: set[str]) -> None:
 def tar_members(path: Path) -> list[tuple[str, int, int]]:
     """``(name, data offset, size)`` of every regular file in a tar, in archive order.
 
-    Reads only the 512-byte headers, about 15x faster than iterating a ``TarFile``. An
-    archive with anything but plain ustar/GNU file and directory headers (PAX records, long
-    names, a bad checksum, a truncated member) goes through ``tarfile``, errors included.
+    Reads only the headers, about 15x faster than iterating a ``TarFile``. Plain ustar/GNU
+    file and directory headers are read here, with the ``path``/``size`` of a PAX record
+    before them (img2dataset's tars carry one per member, for a fractional mtime); anything
+    else (long GNU names, sparse files, a bad checksum, a truncated member) goes through
+    ``tarfile``, errors included.
     """
     members: list[tuple[str, int, int]] = []
+    pax: dict[str, str] = {}
     with open(path, "rb") as fh:
         end = os.fstat(fh.fileno()).st_size
         offset = 0
@@ -243,19 +246,31 @@ def tar_members(path: Path) -> list[tuple[str, int, int]]:
                 return _tarfile_members(path)
             if not any(header):
                 break
-            size = _plain_member_size(header)
+            size = _header_size(header)
             if size is None:
                 return _tarfile_members(path)
-            if header[156] in b"0\0":
+            kind, data = header[156], offset + _BLOCK
+            if kind == ord("x"):
+                records = None if pax else _pax_records(fh.read(size))
+                if records is None:
+                    return _tarfile_members(path)
+                pax = records
+            else:
                 name = header[_NAME].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
-                members.append((name, offset + _BLOCK, size))
-            offset += _BLOCK + -(-size // _BLOCK) * _BLOCK
+                name = pax.get("path", name)
+                if not pax.get("size", "0").isdigit():
+                    return _tarfile_members(path)
+                size = int(pax.get("size", size))
+                pax = {}
+                if kind != ord("5"):
+                    members.append((name, data, size))
+            offset = data + -(-size // _BLOCK) * _BLOCK
     return members if offset <= end else _tarfile_members(path)
 
 
-def _plain_member_size(header: bytes) -> int | None:
-    """The size of a plain file or directory header with a valid checksum, else None."""
-    if header[156] not in b"05\0" or (header[257:263] == b"ustar\0" and header[345] != 0):
+def _header_size(header: bytes) -> int | None:
+    """The size field of a file, directory or PAX header with a valid checksum, else None."""
+    if header[156] not in b"05x\0" or (header[257:263] == b"ustar\0" and header[345] != 0):
         return None
     try:
         size = int(header[_SIZE].split(b"\0", 1)[0].strip() or b"0", 8)
@@ -264,6 +279,29 @@ def _plain_member_size(header: bytes) -> int | None:
         return None
     checksum = sum(header) - sum(header[_CHKSUM]) + 8 * ord(" ")
     return size if checksum == stored else None
+
+
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+
+
+def _pax_records(data: bytes) -> dict[str, str] | None:
+    """The ``key=value`` records of a PAX header as tarfile reads them; None for sparse
+    files, another charset or a malformed record (left to tarfile)."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        match = _PAX_RECORD.match(data, pos)
+        end = pos + int(match.group(1)) if match else pos
+        if match is None or end > len(data) or end <= match.end() or data[end - 1] != 0x0A:
+            return None
+        try:
+            records[match.group(2).decode()] = data[match.end() : end - 1].decode()
+        except UnicodeDecodeError:
+            return None
+        pos = end
+    if "hdrcharset" in records or any(k.startswith("GNU.sparse") for k in records):
+        return None
+    return records
 
 
 def _tarfile_members(path: Path) -> list[tuple[str, int, int]]:

@@ -135,9 +135,22 @@ def test_tar_members_lists_what_tarfile_lists(tmp_path: Path, fmt: int) -> None:
                 tar.addfile(info)
             else:
                 info.size = len(data)
+                info.mtime = 1.5  # PAX: a record per member, as img2dataset's tars have
                 tar.addfile(info, io.BytesIO(data))
     assert tar_members(path) == tarfile_listing(path)
     assert [m[0] for m in tar_members(path)] == ["a.jpg", "dir/b.txt", "é.txt"]
+
+
+def test_tar_members_reads_webdataset_tars(tmp_path: Path) -> None:
+    """img2dataset writes its shards with webdataset's TarWriter."""
+    import webdataset
+
+    path = tmp_path / "wds.tar"
+    with webdataset.TarWriter(str(path)) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"{i:09d}", "jpg": b"x" * (600 * i), "json": b"{}"})
+    assert tar_members(path) == tarfile_listing(path)
+    assert len(tar_members(path)) == 6
 
 
 def test_tar_members_leaves_damaged_tars_to_tarfile(tmp_path: Path) -> None:
