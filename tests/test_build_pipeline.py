@@ -149,8 +149,8 @@ def test_end_to_end_cc12m_shards(tmp_path: Path) -> None:
             + f"datasets:\n  cc12m:\n    format: cc12m\n    source: {server.url('/cc12m.tsv')}\n"
         )
         proc = subprocess.run(
-            [str(BIN / "snakemake"), "--cores", "2", "--configfile", str(tmp_path / "extra.yaml")]
-            + ["cc12m_shards"],
+            [str(BIN / "snakemake"), "cc12m_shards", "--cores", "2"]
+            + ["--configfile", str(tmp_path / "extra.yaml")],
             cwd=REPO,
             env=ENV,
             capture_output=True,

@@ -30,9 +30,9 @@ def test_demo_builds_a_lineage_named_checkpoint_with_card_and_quality(tmp_path: 
     reduced.write_text(yaml.safe_dump({"train": {"epochs": 1, "save_every_n_steps": 1000}}))
     snakemake = Path(sys.executable).parent / "snakemake"
     command = [
-        str(snakemake), "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+        str(snakemake), "all", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
         "--cores", "2", "--profile", str(REPO / "configs/profiles/local"),
-        "--configfile", str(tmp_path / "configs/config.yaml"), str(reduced), "all",
+        "--configfile", str(tmp_path / "configs/config.yaml"), str(reduced),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
