@@ -1,8 +1,9 @@
 """The offline demo (`snakemake all`) end to end, on a reduced training config.
 
 The full demo trains for minutes to reach its quality figure; here the same rules run
-with a VAE trained for a few steps and one epoch of DALLE, and the test checks that
-every output exists, is lineage-named, and that the summary prints the measured figure.
+on 300 of the sample's rows, with a VAE trained for a few steps, one epoch of DALLE and
+one sample prompt; the test checks that every output exists, is lineage-named, and that
+the summary prints the measured figure.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ def test_demo_builds_a_lineage_named_checkpoint_with_card_and_quality(tmp_path: 
     text = preset.read_text().replace("steps: 400", "steps: 20")
     preset.write_text(text)
     reduced = tmp_path / "reduced.yaml"
-    reduced.write_text(yaml.safe_dump({"train": {"epochs": 1, "save_every_n_steps": 1000}}))
+    overrides = {
+        "datasets": {"sample": {"max_rows": 300}},
+        "train": {"epochs": 1, "save_every_n_steps": 1000, "prompts": ["a red circle"]},
+    }
+    reduced.write_text(yaml.safe_dump(overrides))
     snakemake = Path(sys.executable).parent / "snakemake"
     command = [
         str(snakemake), "all", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
