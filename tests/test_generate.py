@@ -24,8 +24,8 @@ def test_generate_writes_one_row_per_prompt(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*args, "-o", str(out), "--seed", "1"])
     assert result.exit_code == 0, result.output
     with Image.open(out) as grid:
-        # make_grid: 2 px padding around 32 px images
-        assert grid.size == (3 * 34 + 2, 2 * 34 + 2)
+        # make_grid: 2 px padding around 32 px images, then x4 so tiles are >= 128 px
+        assert grid.size == (4 * (3 * 34 + 2), 4 * (2 * 34 + 2))
     again = tmp_path / "again.png"
     CliRunner().invoke(app, [*args, "-o", str(again), "--seed", "1"])
     assert out.read_bytes() == again.read_bytes()
