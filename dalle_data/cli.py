@@ -464,6 +464,9 @@ def evaluate_cmd(
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="also write the figures as JSON")
     ] = None,
+    grid: Annotated[
+        Path | None, typer.Option(help="also save the scored images, one row per colour (PNG)")
+    ] = None,
 ) -> None:
     """Colour accuracy: generate "a <colour> circle" per sample colour and classify them."""
     import json
@@ -478,7 +481,12 @@ def evaluate_cmd(
         ckpt = ckpt_io.load_checkpoint(checkpoint)
         dalle = ckpt_io.build_dalle(ckpt)
         result = colour_accuracy(
-            dalle, checkpoint_tokenizer(ckpt), dict(COLOURS), per_colour=per_colour, seed=seed
+            dalle,
+            checkpoint_tokenizer(ckpt),
+            dict(COLOURS),
+            per_colour=per_colour,
+            seed=seed,
+            grid=grid,
         )
     except _training_errors() as err:
         fail(str(err))

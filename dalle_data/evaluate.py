@@ -10,12 +10,13 @@ image's colour. Accuracy is the share of images whose colour is the prompted one
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dalle_data.generate import encode_prompts, generate_images
+from dalle_data.generate import encode_prompts, generate_images, save_grid
 
 PROMPT = "a {colour} circle"
 BORDER = 3
@@ -59,8 +60,13 @@ def colour_accuracy(
     *,
     per_colour: int = 8,
     seed: int = 0,
+    grid: Path | None = None,
 ) -> dict[str, Any]:
-    """Generate ``per_colour`` images per palette colour and score them (see module doc)."""
+    """Generate ``per_colour`` images per palette colour and score them (see module doc).
+
+    With ``grid``, the scored images are also saved there, one row per colour, so the
+    figure can be checked by eye.
+    """
     names = list(palette)
     prompts = [PROMPT.format(colour=name) for name in names]
     text = encode_prompts(tokenizer, prompts, dalle.text_seq_len)
@@ -72,6 +78,8 @@ def colour_accuracy(
         for i, name in enumerate(names)
     }
     total = len(predicted)
+    if grid is not None:
+        save_grid(images, grid, nrow=per_colour)
     return {
         "metric": "colour accuracy",
         "prompt": PROMPT,
@@ -81,4 +89,5 @@ def colour_accuracy(
         "chance": round(1 / len(names), 4),
         "per_colour": per_name,
         "seed": seed,
+        **({"grid": Path(grid).name} if grid is not None else {}),
     }

@@ -99,6 +99,13 @@ def render(
             *(f"| {c} | {n} / {each} |" for c, n in quality["per_colour"].items()),
             "",
         ]
+        if quality.get("grid"):
+            parts += [
+                "The scored images, one row per colour in the table's order:",
+                "",
+                f"![colour evaluation]({quality['grid']})",
+                "",
+            ]
     if samples_file:
         parts += [
             "Samples (one row per prompt):",

@@ -509,7 +509,9 @@ def finish_outputs(
         from dalle_data.evaluate import colour_accuracy
         from dalle_data.sources.sample import COLOURS
 
-        quality = colour_accuracy(dalle, tokenizer, dict(COLOURS), seed=args.seed)
+        quality = colour_accuracy(
+            dalle, tokenizer, dict(COLOURS), seed=args.seed, grid=final.parent / "colours.png"
+        )
         write_json(final.parent / "quality.json", quality)
     modelcard.write_card(
         final.parent / "README.md",

@@ -42,11 +42,13 @@ def test_demo_builds_a_lineage_named_checkpoint_with_card_and_quality(tmp_path: 
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     folder = tmp_path / "data/models/custom" / NAME
-    for name in (f"{NAME}.pt", "lineage.json", "README.md", "samples.png", "quality.json"):
+    files = (f"{NAME}.pt", "lineage.json", "README.md", "samples.png", "quality.json")
+    for name in (*files, "colours.png"):
         assert (folder / name).is_file(), name
     quality = json.loads((folder / "quality.json").read_text())
     assert quality["images"] == 48 and quality["chance"] == round(1 / 6, 4)
-    assert f"{quality['accuracy']:.2f}" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert f"{quality['accuracy']:.2f}" in card and "![colour evaluation](colours.png)" in card
     summary = subprocess.run(
         [
             sys.executable,

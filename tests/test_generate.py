@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,20 @@ def test_generate_writes_one_row_per_prompt(tmp_path: Path) -> None:
     assert out.read_bytes() == again.read_bytes()
     bad = CliRunner().invoke(app, [*args, "--top-k", "1.5"])
     assert bad.exit_code == 1 and "--top-k" in bad.output
+
+
+def test_evaluate_scores_every_image_and_saves_them_for_a_person(tmp_path: Path) -> None:
+    shards = write_dataset(tmp_path, 16, 16)
+    parent = init_parent(write_preset(tmp_path / "p.yaml"), tmp_path / "p.pt", shards=[shards])
+    grid, figures = tmp_path / "colours.png", tmp_path / "quality.json"
+    args = ["evaluate", str(parent), "--per-colour", "2", "--grid", str(grid), "-o", str(figures)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    quality = json.loads(figures.read_text())
+    assert quality["images"] == 12 and sum(quality["per_colour"].values()) == quality["correct"]
+    assert quality["grid"] == "colours.png"
+    with Image.open(grid) as picture:  # 6 colours x 2 images of 32 px, enlarged x4
+        assert picture.size == (4 * (2 * 34 + 2), 4 * (6 * 34 + 2))
 
 
 def test_dominant_colour_ignores_the_background() -> None:
