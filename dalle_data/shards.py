@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 import re
 import tarfile
@@ -234,38 +235,45 @@ def tar_members(path: Path) -> list[tuple[str, int, int]]:
     else (long GNU names, sparse files, a bad checksum, a truncated member) goes through
     ``tarfile``, errors included.
     """
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            return _tarfile_members(path)
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            members = _plain_members(buf)
+    return members if members is not None else _tarfile_members(path)
+
+
+def _plain_members(buf: mmap.mmap) -> list[tuple[str, int, int]] | None:
+    """:func:`tar_members` of a mapped tar, or None where tarfile must decide."""
     members: list[tuple[str, int, int]] = []
     pax: dict[str, str] = {}
-    with open(path, "rb") as fh:
-        end = os.fstat(fh.fileno()).st_size
-        offset = 0
-        while offset < end:
-            fh.seek(offset)
-            header = fh.read(_BLOCK)
-            if len(header) < _BLOCK:
-                return _tarfile_members(path)
-            if not any(header):
-                break
-            size = _header_size(header)
-            if size is None:
-                return _tarfile_members(path)
-            kind, data = header[156], offset + _BLOCK
-            if kind == ord("x"):
-                records = None if pax else _pax_records(fh.read(size))
-                if records is None:
-                    return _tarfile_members(path)
-                pax = records
-            else:
-                name = header[_NAME].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
-                name = pax.get("path", name)
-                if not pax.get("size", "0").isdigit():
-                    return _tarfile_members(path)
-                size = int(pax.get("size", size))
-                pax = {}
-                if kind != ord("5"):
-                    members.append((name, data, size))
-            offset = data + -(-size // _BLOCK) * _BLOCK
-    return members if offset <= end else _tarfile_members(path)
+    end, offset = len(buf), 0
+    while offset < end:
+        header = buf[offset : offset + _BLOCK]
+        if len(header) < _BLOCK:
+            return None
+        if not any(header):
+            break
+        size = _header_size(header)
+        if size is None:
+            return None
+        kind, data = header[156], offset + _BLOCK
+        if kind == ord("x"):
+            records = None if pax else _pax_records(buf[data : data + size])
+            if records is None:
+                return None
+            pax = records
+        else:
+            name = header[_NAME].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
+            name = pax.get("path", name)
+            if not pax.get("size", "0").isdigit():
+                return None
+            size = int(pax.get("size", size))
+            pax = {}
+            if kind != ord("5"):
+                members.append((name, data, size))
+        offset = data + -(-size // _BLOCK) * _BLOCK
+    return members if offset <= end else None
 
 
 def _header_size(header: bytes) -> int | None:
