@@ -22,11 +22,14 @@ _FILE_MODE = 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it into place.
 
     For writers that want a file name (pyarrow, torch.save, tarfile). On error the
-    temporary file is removed and ``path`` is untouched.
+    temporary file is removed and ``path`` is untouched. ``durable=False`` skips the fsyncs:
+    the rename alone keeps a killed process from leaving a partial file, and only a power
+    loss could then lose the data; for large files a later record (a manifest's sha256)
+    lets a check find out.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -36,10 +39,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        if durable:
+            _fsync_dir(final.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

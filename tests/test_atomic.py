@@ -37,3 +37,15 @@ def test_nothing_is_visible_under_the_final_name_while_writing(tmp_path):
         assert not target.exists()
         assert tmp.parent == target.parent  # same filesystem: the rename is atomic
     assert target.read_bytes() == b"x" * 1000
+
+
+@pytest.mark.parametrize(("durable", "fsyncs"), [(True, 2), (False, 0)])
+def test_durable_decides_only_the_fsyncs(tmp_path, monkeypatch, durable, fsyncs):
+    calls = []
+    monkeypatch.setattr(os, "fsync", calls.append)
+    target = tmp_path / "shard.tar"
+    with atomic_path(target, durable=durable) as tmp:
+        tmp.write_bytes(b"y" * 10)
+        assert not target.exists()
+    assert target.read_bytes() == b"y" * 10 and len(calls) == fsyncs
+    assert [p.name for p in tmp_path.iterdir()] == ["shard.tar"]
