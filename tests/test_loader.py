@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
@@ -45,17 +46,45 @@ def test_batches_have_model_shapes_and_tokens_from_the_shard(tmp_path: Path) -> 
 
 
 def test_crop_box_stays_inside_and_square() -> None:
-    rng = np.random.default_rng(0)
+    draws = np.random.default_rng(0).random((50, loader.CROP_DRAWS))
+    draws[:2, -2:] = [[0.0, 0.0], [0.999999, 0.999999]]  # the extreme corners
     for width, height in [(96, 96), (256, 180), (64, 300)]:
-        for _ in range(50):
-            left, top, w, h = loader.random_resized_crop_box(width, height, (0.75, 1.0), rng)
+        for row in draws.tolist():
+            left, top, w, h = loader.random_resized_crop_box(width, height, (0.75, 1.0), row)
             assert w == h and left >= 0 and left + w <= width and top >= 0 and top + h <= height
+
+
+def test_crop_box_falls_back_to_the_central_square() -> None:
+    never_fits = [1.0] * loader.CROP_TRIES + [0.0, 0.0]  # 64x300 at full area: side 139 > 64
+    assert loader.random_resized_crop_box(64, 300, (1.0, 1.0), never_fits) == (0, 118, 64, 64)
+
+
+def test_crops_depend_on_the_sample_not_on_who_reads_it(tmp_path: Path) -> None:
+    one = make_spec(tmp_path, 24, 6)
+    images = {k: im for b in loader.batches(one, 0) for k, im in zip(b.keys, b.image, strict=True)}
+    split = dataclasses.replace(one, num_workers=2, batch_size=2)
+    for batch in loader.batches(split, 0):
+        for key, image in zip(batch.keys, batch.image, strict=True):
+            assert np.array_equal(image, images[key])
+
+
+def test_read_tokens_matches_np_load() -> None:
+    from dalle_data.shards import encode_tokens
+
+    for ids in (np.arange(0), np.arange(7), np.arange(2**20, 2**20 + 300)):
+        data = encode_tokens(ids)
+        assert np.array_equal(loader.read_tokens(data), np.load(io.BytesIO(data)))
+    other = io.BytesIO()
+    np.save(other, np.arange(5, dtype=np.int16))  # not the shard format: np.load reads it
+    assert loader.read_tokens(other.getvalue()).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError):
+        loader.read_tokens(encode_tokens(np.arange(7))[:-4])  # truncated
 
 
 def test_draft_decoding_gives_the_requested_size(tmp_path: Path) -> None:
     from tests.helpers.tiny import jpeg
 
-    out = loader.decode_crop(jpeg((200, 0, 0), 256), 32, np.random.default_rng(1), (0.75, 1.0))
+    out = loader.decode_crop(jpeg((200, 0, 0), 256), 32, [0.5] * loader.CROP_DRAWS, (0.75, 1.0))
     assert out.shape == (32, 32, 3)
     assert out[16, 16, 0] > 150 and out[16, 16, 1] < 80  # the red centre survives
 
