@@ -19,8 +19,9 @@ import warnings
 from collections.abc import Mapping
 from decimal import Decimal
 from importlib.metadata import version as package_version
+from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dalle_data.atomic import atomic_path
 from dalle_data.lineage import (
@@ -185,6 +186,15 @@ def build_dalle(
         )
     dalle.load_state_dict(weights, strict=True)
     return dalle
+
+
+def model_int(model: nn.Module, attribute: str) -> int:
+    """An int setting DALLE-pytorch keeps as a plain attribute (``"vae.image_size"``).
+
+    torch types every module attribute as ``Tensor | Module`` and dalle_pytorch has no
+    annotations, so the one cast lives here instead of at every reader.
+    """
+    return cast(int, attrgetter(attribute)(model))
 
 
 def save_checkpoint(

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dalle_data.checkpoint import model_int
 from dalle_data.generate import encode_prompts, generate_images, save_grid
 
 PROMPT = "a {colour} circle"
@@ -69,7 +70,7 @@ def colour_accuracy(
     """
     names = list(palette)
     prompts = [PROMPT.format(colour=name) for name in names]
-    text = encode_prompts(tokenizer, prompts, dalle.text_seq_len)
+    text = encode_prompts(tokenizer, prompts, model_int(dalle, "text_seq_len"))
     images = generate_images(dalle, text, num_images=per_colour, seed=seed)
     arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     predicted = [dominant_colour(a, palette) for a in arrays]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from dalle_data import tokenizers
 from dalle_data.atomic import atomic_path
+from dalle_data.checkpoint import model_int
 from dalle_data.loader import pad_tokens
 
 
@@ -77,9 +78,11 @@ def generate_images(
     torch.manual_seed(seed)
     out = []
     dalle.eval()
+    # dalle_pytorch is unannotated; torch types the method as a Tensor | Module attribute.
+    generate = cast(Callable[..., torch.Tensor], dalle.generate_images)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        images = dalle.generate_images(chunk, filter_thres=top_k, use_cache=True)
+        images = generate(chunk, filter_thres=top_k, use_cache=True)
         out.append(to_unit_range(dalle, images).cpu())
     return torch.cat(out)
 
@@ -98,7 +101,9 @@ def save_grid(images: torch.Tensor, path: Path, *, nrow: int) -> Path:
     picture = Image.fromarray(array)
     scale = -(-128 // images.shape[-1])
     if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+        picture = picture.resize(
+            (picture.width * scale, picture.height * scale), Image.Resampling.NEAREST
+        )
     with atomic_path(path) as tmp:
         picture.save(tmp, format="PNG")
     return Path(path)
@@ -129,6 +134,7 @@ def generate_grid(
     )
     if torch.cuda.is_available():
         dalle = dalle.cuda()
-    text = encode_prompts(checkpoint_tokenizer(ckpt, tokenizer), prompts, dalle.text_seq_len)
+    text_seq_len = model_int(dalle, "text_seq_len")
+    text = encode_prompts(checkpoint_tokenizer(ckpt, tokenizer), prompts, text_seq_len)
     images = generate_images(dalle, text, num_images=num_images, seed=seed, top_k=top_k)
     return save_grid(images, output, nrow=num_images)

@@ -107,6 +107,7 @@ def train_discrete_vae(
     steps = int(settings.get("steps", 0))
     if steps <= 0:
         return math.nan
+    from dalle_data.checkpoint import model_int
     from dalle_data.train import limit_cpu_threads
 
     limit_cpu_threads()
@@ -117,7 +118,7 @@ def train_discrete_vae(
     spec = LoaderSpec(
         shards=shards,
         batch_size=int(settings.get("batch_size", 32)),
-        image_size=vae.image_size,
+        image_size=model_int(vae, "image_size"),
         text_seq_len=1,
         seed=seed,
         num_workers=int(settings.get("num_workers", 0)),
@@ -131,8 +132,8 @@ def train_discrete_vae(
     with tqdm(total=steps, desc="train DiscreteVAE", unit="step", mininterval=1.0) as bar:
         while step < steps:
             for batch in batches(spec, step // per_epoch, step % per_epoch):
-                vae.temperature = t0 * (t1 / t0) ** (step / max(1, steps - 1))
-                loss = vae(batch.image_float(device), return_loss=True)
+                temp = t0 * (t1 / t0) ** (step / max(1, steps - 1))
+                loss = vae(batch.image_float(device), return_loss=True, temp=temp)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -143,7 +144,6 @@ def train_discrete_vae(
                 bar.update()
                 if step >= steps:
                     break
-    vae.temperature = t1
     vae.cpu().eval()
     return loss_value
 
@@ -160,7 +160,7 @@ def init_parent(
 ) -> Path:
     """Write a fresh DALLE checkpoint for ``preset_path`` to ``output``."""
     from dalle_data import tokenizers
-    from dalle_data.checkpoint import build_vae, family, save_checkpoint
+    from dalle_data.checkpoint import build_vae, family, model_int, save_checkpoint
     from dalle_data.compat import import_dalle_pytorch
 
     preset = load_preset(preset_path)
@@ -181,10 +181,11 @@ def init_parent(
         vqgan_model_path=vqgan_model_path,
         vqgan_config_path=vqgan_config_path,
     )
-    if refs and image_size < vae.image_size:
+    vae_size = model_int(vae, "image_size")
+    if refs and image_size < vae_size:
         raise PresetError(
             f"the shards hold {image_size}px images but preset {preset_path} needs "
-            f"{vae.image_size}px: rebuild the shards with a larger image_size"
+            f"{vae_size}px: rebuild the shards with a larger image_size"
         )
     vae_loss = math.nan
     if vae_class == "DiscreteVAE" and vae_cfg.get("train"):

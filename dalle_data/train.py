@@ -192,7 +192,8 @@ def parent_history(
     """
     from dalle_data.checkpoint import lineage_segments
 
-    recorded = ckpt.get("lineage") if isinstance(ckpt.get("lineage"), dict) else {}
+    lineage = ckpt.get("lineage")
+    recorded = lineage if isinstance(lineage, dict) else {}
     name = recorded.get("name") or path.stem
     history = list(recorded.get("history") or [])
     if override is not None:
@@ -275,8 +276,8 @@ def train_extend(args: TrainArgs) -> Path:
     spec = LoaderSpec(
         shards=data.shards,
         batch_size=args.batch_size // dist.world_size,
-        image_size=dalle.vae.image_size,
-        text_seq_len=dalle.text_seq_len,
+        image_size=ckpt_io.model_int(dalle, "vae.image_size"),
+        text_seq_len=ckpt_io.model_int(dalle, "text_seq_len"),
         seed=args.seed,
         rank=dist.rank,
         world_size=dist.world_size,
