@@ -7,6 +7,7 @@ same inputs give the same sha256 on any machine, whatever the download was split
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -68,9 +69,16 @@ def encode_tokens(tokens: np.ndarray) -> bytes:
         )
     if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(TOKEN_DTYPE).max):
         raise ShardError(f"token ids out of int32 range ({arr.min()}..{arr.max()})")
+    return _npy_header(arr.size) + arr.astype(TOKEN_DTYPE).tobytes()
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header(length: int) -> bytes:
+    """What ``np.save`` writes before the data of ``length`` int32 ids (it depends only on
+    the length); ``np.save`` per caption was a tenth of finalize's time."""
     buf = io.BytesIO()
-    np.save(buf, arr.astype(TOKEN_DTYPE), allow_pickle=False)
-    return buf.getvalue()
+    np.save(buf, np.zeros(length, dtype=TOKEN_DTYPE), allow_pickle=False)
+    return buf.getvalue()[: buf.tell() - length * TOKEN_DTYPE.itemsize]
 
 
 def sample_members(sample: Sample) -> list[tuple[str, bytes]]:

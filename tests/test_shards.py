@@ -14,6 +14,7 @@ import pytest
 from dalle_data.shards import (
     Sample,
     ShardError,
+    encode_tokens,
     read_shard,
     row_key,
     sample_members,
@@ -177,3 +178,13 @@ def test_tar_members_leaves_damaged_tars_to_tarfile(tmp_path: Path) -> None:
             got = str(err)
         assert got == expected, name
     assert [m[0] for m in tar_members(tmp_path / "bad_second_header.tar")] == ["000000000000.jpg"]
+
+
+def test_encoded_tokens_are_what_np_save_writes() -> None:
+    rng = np.random.default_rng(0)
+    for length in (0, 1, 9, 10, 99, 100, 999, 1000, 12345):
+        ids = rng.integers(0, 2**31 - 1, length, dtype=np.int64)
+        expected = io.BytesIO()
+        np.save(expected, ids.astype("<i4"), allow_pickle=False)
+        assert encode_tokens(ids) == expected.getvalue(), length
+        assert np.load(io.BytesIO(encode_tokens(ids))).tolist() == ids.tolist()
