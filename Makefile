@@ -36,10 +36,31 @@ demo: setup ## the offline demo: sample shards -> tiny model -> extended checkpo
 test: setup ## run the test suite (offline; about 10 minutes on 2 cores)
 	$(PY) -m pytest -q
 
-lint: setup ## ruff, snakemake --lint and mypy
+# snakemake --lint must pass except for "Specify a conda environment or container for each
+# rule", which cannot apply: every rule runs `dalle-data` from the one venv `make setup`
+# installs. snakemake 9.27's `--lint json` is unusable (the CLI ignores the format, the
+# API's JSON encoder fails on snakefile paths), so its text report is filtered: any other
+# lint, or any output that is not a lint (an error), fails the target and is printed.
+define SNAKEMAKE_LINT_FILTER
+import re, subprocess, sys
+IGNORED = "    * Specify a conda environment or container for each rule.:"
+run = subprocess.run([sys.argv[1], "--lint", "-n"], capture_output=True, text=True)
+report = []
+blocks = re.split(r"\n(?=\S)", (run.stdout + run.stderr).strip()) if run.returncode else []
+for block in blocks:
+    head, *items = re.split(r"\n(?=    \* )", block)
+    kept = [i for i in items if i.split("\n")[0] != IGNORED]
+    if kept or not head.startswith("Lints for "):
+        report.append("\n".join([head, *kept]))
+if report:
+    sys.exit("\n\n".join(report))
+endef
+export SNAKEMAKE_LINT_FILTER
+
+lint: setup ## ruff, snakemake --lint (minus the conda/container lint) and mypy
 	$(VENV)/bin/ruff check dalle_data tests benchmarks
 	$(VENV)/bin/ruff format --check dalle_data tests benchmarks
-	$(VENV)/bin/snakemake --lint -n
+	$(PY) -c "$$SNAKEMAKE_LINT_FILTER" $(VENV)/bin/snakemake
 	$(VENV)/bin/mypy dalle_data
 
 bench: setup ## run benchmarks/* and rewrite BENCHMARKS.md

@@ -1,6 +1,13 @@
-# Config validation and the input functions every rule file uses.
+# Config validation and the functions the rule files use, by stage (snakemake --lint
+# wants functions apart from rules).
+
+import json
+import re
+import shlex
+from pathlib import Path
 
 from dalle_data import config as ddconfig
+from dalle_data.train import planned_output
 
 ddconfig.validate(config)
 
@@ -40,3 +47,133 @@ def tokenizer_input(dataset):
     """The tokenizer file a shard rule must wait for (none for the built-in `simple`)."""
     spec = ddconfig.dataset_tokenizer(config, dataset)
     return [spec.split(":", 1)[1]] if ":" in spec else []
+
+
+# Metadata (pipelines/metadata.smk): sources and the fetch/normalize/filter options.
+
+
+def _sources(dataset):
+    source = ds_config(dataset)["source"]
+    return [source] if isinstance(source, str) else list(source)
+
+
+def is_local(source):
+    return re.match(r"^(?i:https?|file)://", source) is None
+
+
+def local_sources(dataset):
+    """Local source files, so their rule (sample_source) runs first and edits refetch."""
+    subset = ds_config(dataset).get("subset")
+    return [s for s in _sources(dataset) + ([subset] if subset else []) if is_local(s)]
+
+
+def fetch_args(dataset):
+    cfg = ds_config(dataset)
+    args = [a for s in _sources(dataset) for a in ("--source", s)]
+    if cfg.get("subset"):
+        args += ["--subset", cfg["subset"]]
+    args += [a for i in cfg.get("wit_files") or [] for a in ("--select", str(i))]
+    return shlex.join(args)
+
+
+def normalize_args(dataset):
+    cfg = ds_config(dataset)
+    args = ["--format", cfg["format"]]
+    args += [a for lang in cfg.get("languages") or [] for a in ("--language", lang)]
+    args += [a for lic in cfg.get("licenses") or [] for a in ("--license", lic)]
+    return shlex.join(args)
+
+
+def filter_args(dataset):
+    cfg = ds_config(dataset)
+    filters = config.get("filters", {})
+    args = ["--fraction", str(cfg.get("fraction", 1.0))]
+    if cfg.get("max_rows"):
+        args += ["--max-rows", str(cfg["max_rows"])]
+    args.append("--allow-file-urls" if cfg.get("allow_file_urls") else "--no-allow-file-urls")
+    args += ["--min-words", str(filters.get("min_words", 1))]
+    args += ["--max-words", str(filters.get("max_words", 200))]
+    args += [a for w in filters.get("blocklist") or [] for a in ("--blocklist", w)]
+    return shlex.join(args)
+
+
+# Download (pipelines/download.smk).
+
+
+def spark_options(download):
+    """`--spark-master`/`--spark-conf` arguments for the pyspark distributor (quoted)."""
+    args = []
+    if download.get("spark_master"):
+        args.append(f"--spark-master {shlex.quote(download['spark_master'])}")
+    for key, value in sorted(download.get("spark_conf", {}).items()):
+        args.append(f"--spark-conf {shlex.quote(f'{key}={value}')}")
+    return " ".join(args)
+
+
+# Shards (pipelines/shards.smk).
+
+
+def downloaded_parts(wildcards):
+    """Every part folder the download plan of this dataset calls for."""
+    plan = checkpoints.plan_download.get(dataset=wildcards.dataset).output.plan
+    with open(plan) as fh:
+        parts = json.load(fh)["parts"]
+    return [f"{OUT}/{wildcards.dataset}/downloaded/{p['name']}" for p in parts]
+
+
+# Training (pipelines/train.smk).
+
+TRAIN = config.get("train", {})
+
+
+def trained_checkpoint():
+    """`<train.output_dir>/<family>/<name>/<name>.pt` for the configured run."""
+    return str(
+        planned_output(
+            Path(TRAIN["parent"]),
+            TRAIN["dataset"],
+            TRAIN["epochs"],
+            Path(TRAIN["output_dir"]),
+            parent_lineage=TRAIN.get("parent_lineage"),
+            max_steps=TRAIN.get("max_steps"),
+        )
+    )
+
+
+def trained_outputs():
+    """The checkpoint and the files train-extend writes beside it."""
+    folder = Path(trained_checkpoint()).parent
+    outputs = {
+        "checkpoint": trained_checkpoint(),
+        "lineage": str(folder / "lineage.json"),
+        "card": str(folder / "README.md"),
+        "samples": str(folder / "samples.png"),
+    }
+    if TRAIN.get("evaluate_colours"):
+        outputs["quality"] = str(folder / "quality.json")
+    return outputs
+
+
+def demo_outputs():
+    """The offline demo's target (`all`): the trained checkpoint, its card and samples."""
+    return list(trained_outputs().values())
+
+
+def train_options():
+    """train-extend options from the config; unset optional keys are left out."""
+    flags = {
+        "batch-size": TRAIN.get("batch_size"),
+        "learning-rate": TRAIN.get("learning_rate"),
+        "clip-grad-norm": TRAIN.get("clip_grad_norm"),
+        "seed": TRAIN.get("seed"),
+        "num-workers": TRAIN.get("num_workers"),
+        "save-every-n-steps": TRAIN.get("save_every_n_steps"),
+        "vqgan-model-path": TRAIN.get("vqgan_model_path"),
+        "vqgan-config-path": TRAIN.get("vqgan_config_path"),
+        "parent-lineage": TRAIN.get("parent_lineage"),
+    }
+    words = [f"--{k} {shlex.quote(str(v))}" for k, v in flags.items() if v is not None]
+    words += [f"--prompt {shlex.quote(p)}" for p in TRAIN.get("prompts", [])]
+    if TRAIN.get("evaluate_colours"):
+        words.append("--evaluate-colours")
+    return " ".join(words)

@@ -6,18 +6,6 @@ wildcard_constraints:
     part="part-[0-9]{5}",
 
 
-def spark_options(download):
-    """`--spark-master`/`--spark-conf` arguments for the pyspark distributor (quoted)."""
-    from shlex import quote
-
-    args = []
-    if download.get("spark_master"):
-        args.append(f"--spark-master {quote(download['spark_master'])}")
-    for key, value in sorted(download.get("spark_conf", {}).items()):
-        args.append(f"--spark-conf {quote(f'{key}={value}')}")
-    return " ".join(args)
-
-
 checkpoint plan_download:
     input:
         f"{OUT}/{{dataset}}/metadata/filtered.parquet",
@@ -26,6 +14,7 @@ checkpoint plan_download:
         refused=f"{OUT}/{{dataset}}/download/refused.parquet",
         parts=directory(f"{OUT}/{{dataset}}/download/parts"),
     params:
+        out=subpath(output.plan, parent=True),
         rows_per_part=config["download"]["rows_per_part"],
         file_urls=lambda wc: (
             "--allow-file-urls"
@@ -37,7 +26,7 @@ checkpoint plan_download:
     benchmark:
         f"{OUT}/{{dataset}}/benchmarks/plan_download.tsv"
     shell:
-        "dalle-data plan-download --filtered {input} --out {OUT}/{wildcards.dataset}/download"
+        "dalle-data plan-download --filtered {input} --out {params.out}"
         " --rows-per-part {params.rows_per_part} {params.file_urls} > {log} 2>&1"
 
 

@@ -3,57 +3,9 @@
 # metadata/filtered.parquet (+ filter.json, dropped.parquet, report.json).
 
 import os
-import re
-import shlex
-
-
-def _sources(dataset):
-    source = ds_config(dataset)["source"]
-    return [source] if isinstance(source, str) else list(source)
-
-
-def _is_local(source):
-    return re.match(r"^(?i:https?|file)://", source) is None
-
-
-def local_sources(dataset):
-    """Local source files, so their rule (sample_source) runs first and edits refetch."""
-    subset = ds_config(dataset).get("subset")
-    return [s for s in _sources(dataset) + ([subset] if subset else []) if _is_local(s)]
-
-
-def fetch_args(dataset):
-    cfg = ds_config(dataset)
-    args = [a for s in _sources(dataset) for a in ("--source", s)]
-    if cfg.get("subset"):
-        args += ["--subset", cfg["subset"]]
-    args += [a for i in cfg.get("wit_files") or [] for a in ("--select", str(i))]
-    return shlex.join(args)
-
-
-def normalize_args(dataset):
-    cfg = ds_config(dataset)
-    args = ["--format", cfg["format"]]
-    args += [a for lang in cfg.get("languages") or [] for a in ("--language", lang)]
-    args += [a for lic in cfg.get("licenses") or [] for a in ("--license", lic)]
-    return shlex.join(args)
-
-
-def filter_args(dataset):
-    cfg = ds_config(dataset)
-    filters = config.get("filters", {})
-    args = ["--fraction", str(cfg.get("fraction", 1.0))]
-    if cfg.get("max_rows"):
-        args += ["--max-rows", str(cfg["max_rows"])]
-    args.append("--allow-file-urls" if cfg.get("allow_file_urls") else "--no-allow-file-urls")
-    args += ["--min-words", str(filters.get("min_words", 1))]
-    args += ["--max-words", str(filters.get("max_words", 200))]
-    args += [a for w in filters.get("blocklist") or [] for a in ("--blocklist", w)]
-    return shlex.join(args)
-
 
 _SAMPLE = config["datasets"].get("sample", {}).get("source")
-if isinstance(_SAMPLE, str) and _is_local(_SAMPLE) and os.path.basename(_SAMPLE) == "sample.tsv":
+if isinstance(_SAMPLE, str) and is_local(_SAMPLE) and os.path.basename(_SAMPLE) == "sample.tsv":
 
     rule sample_source:
         """The bundled offline source (pictures + sample.tsv), generated, never downloaded."""

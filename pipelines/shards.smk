@@ -1,15 +1,5 @@
 # Shards: all downloaded parts -> byte-reproducible shards, manifest and card; then verify.
 
-import json
-
-
-def downloaded_parts(wildcards):
-    """Every part folder the download plan of this dataset calls for."""
-    plan = checkpoints.plan_download.get(dataset=wildcards.dataset).output.plan
-    with open(plan) as fh:
-        parts = json.load(fh)["parts"]
-    return [f"{OUT}/{wildcards.dataset}/downloaded/{p['name']}" for p in parts]
-
 
 rule finalize:
     input:
@@ -27,6 +17,8 @@ rule finalize:
         lengths=f"{OUT}/{{dataset}}/shards/caption_lengths.png",
         sizes=f"{OUT}/{{dataset}}/shards/image_sizes.png",
     params:
+        # <dataset_dir>/shards/manifest.json
+        dataset_dir=subpath(output.manifest, ancestor=2),
         tokenizer=lambda wc: ddconfig.dataset_tokenizer(config, wc.dataset),
         image_size=lambda wc: dataset_image_size(wc.dataset),
         shard_size=config["shard_size"],
@@ -35,7 +27,7 @@ rule finalize:
     benchmark:
         f"{OUT}/{{dataset}}/benchmarks/finalize.tsv"
     shell:
-        "dalle-data finalize --dataset-dir {OUT}/{wildcards.dataset}"
+        "dalle-data finalize --dataset-dir {params.dataset_dir}"
         " --dataset {wildcards.dataset} --tokenizer {params.tokenizer:q}"
         " --image-size {params.image_size} --shard-size {params.shard_size} > {log} 2>&1"
 
@@ -47,9 +39,11 @@ rule verify:
         tokenizer=lambda wc: tokenizer_input(wc.dataset),
     output:
         f"{OUT}/{{dataset}}/shards/verify.json",
+    params:
+        shards=subpath(input.manifest, parent=True),
     log:
         f"{OUT}/{{dataset}}/logs/verify.log",
     benchmark:
         f"{OUT}/{{dataset}}/benchmarks/verify.tsv"
     shell:
-        "dalle-data verify {OUT}/{wildcards.dataset}/shards --retokenize 32 > {log} 2>&1"
+        "dalle-data verify {params.shards} --retokenize 32 > {log} 2>&1"

@@ -2,67 +2,7 @@
 # `train-extend` driven by the config's `train:` section. The trained checkpoint's
 # lineage name is computed before the run (dalle_data.train.planned_output) from the
 # parent's hparams (or, for a parent init builds, its preset) and train.dataset/epochs.
-
-import shlex
-from pathlib import Path
-
-from dalle_data.train import planned_output
-
-TRAIN = config.get("train", {})
-
-
-def trained_checkpoint():
-    """`<train.output_dir>/<family>/<name>/<name>.pt` for the configured run."""
-    return str(
-        planned_output(
-            Path(TRAIN["parent"]),
-            TRAIN["dataset"],
-            TRAIN["epochs"],
-            Path(TRAIN["output_dir"]),
-            parent_lineage=TRAIN.get("parent_lineage"),
-            max_steps=TRAIN.get("max_steps"),
-        )
-    )
-
-
-def trained_outputs():
-    """The checkpoint and the files train-extend writes beside it."""
-    folder = Path(trained_checkpoint()).parent
-    outputs = {
-        "checkpoint": trained_checkpoint(),
-        "lineage": str(folder / "lineage.json"),
-        "card": str(folder / "README.md"),
-        "samples": str(folder / "samples.png"),
-    }
-    if TRAIN.get("evaluate_colours"):
-        outputs["quality"] = str(folder / "quality.json")
-    return outputs
-
-
-def demo_outputs():
-    """What `rule all` (the offline demo) builds: the trained checkpoint, card and samples."""
-    return list(trained_outputs().values())
-
-
-def train_options():
-    """train-extend options from the config; unset optional keys are left out."""
-    flags = {
-        "batch-size": TRAIN.get("batch_size"),
-        "learning-rate": TRAIN.get("learning_rate"),
-        "clip-grad-norm": TRAIN.get("clip_grad_norm"),
-        "seed": TRAIN.get("seed"),
-        "num-workers": TRAIN.get("num_workers"),
-        "save-every-n-steps": TRAIN.get("save_every_n_steps"),
-        "vqgan-model-path": TRAIN.get("vqgan_model_path"),
-        "vqgan-config-path": TRAIN.get("vqgan_config_path"),
-        "parent-lineage": TRAIN.get("parent_lineage"),
-    }
-    words = [f"--{k} {shlex.quote(str(v))}" for k, v in flags.items() if v is not None]
-    words += [f"--prompt {shlex.quote(p)}" for p in TRAIN.get("prompts", [])]
-    if TRAIN.get("evaluate_colours"):
-        words.append("--evaluate-colours")
-    return " ".join(words)
-
+# The functions these rules use are in common.smk.
 
 
 rule init_parent:
@@ -73,7 +13,7 @@ rule init_parent:
     output:
         f"{TRAIN['output_dir']}/init/{{preset}}.pt",
     params:
-        shards=f"{OUT}/{TRAIN['dataset']}/shards",
+        shards=subpath(input.shards, parent=True),
         seed=TRAIN.get("seed", 0),
     log:
         f"{OUT}/{TRAIN['dataset']}/logs/init_{{preset}}.log",
@@ -93,9 +33,10 @@ rule train:
     output:
         **trained_outputs(),
     params:
-        shards=f"{OUT}/{TRAIN['dataset']}/shards",
+        shards=subpath(input.shards, parent=True),
         epochs=TRAIN["epochs"],
-        output_dir=TRAIN["output_dir"],
+        # <output_dir>/<family>/<name>/<name>.pt
+        output_dir=subpath(output.checkpoint, ancestor=3),
         options=train_options(),
     log:
         f"{OUT}/{TRAIN['dataset']}/logs/train.log",
