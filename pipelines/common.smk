@@ -151,6 +151,7 @@ def trained_outputs():
     }
     if TRAIN.get("evaluate_colours"):
         outputs["quality"] = str(folder / "quality.json")
+        outputs["colours"] = str(folder / "colours.png")
     return outputs
 
 
