@@ -252,7 +252,7 @@ def download_part(part: Path, out_dir: Path, settings: DownloadSettings) -> dict
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(partial, out_dir)
-    stats = Counter()
+    stats: Counter[str] = Counter()
     for path in done:
         record = json.loads((out_dir / path.name).read_text())
         stats["count"] += record["count"]

@@ -521,7 +521,11 @@ def _samples(
                 good: list[tuple[dict[str, Any], Any, bytes]] = []
                 for row in batch.to_pylist():
                     result = results.get(row["row_id"])
-                    jpg = images.read(result.shard, result.key) if result and result.ok else None
+                    jpg = (
+                        images.read(result.shard, result.key)
+                        if result and result.ok and result.shard and result.key
+                        else None
+                    )
                     if jpg is None:
                         reason = _missing_reason(result)
                         failed[reason] += 1
