@@ -110,6 +110,17 @@ def pipeline(source_url: str, work: Path) -> tuple[float, int, dict[str, tuple[f
     return seconds, manifest["counts"]["written"], stage_seconds(work / "data" / "cc12m")
 
 
+def import_seconds(module: str) -> float:
+    """Wall seconds a fresh interpreter takes to import ``module``, less its own start-up."""
+
+    def run(code: str) -> float:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        return time.perf_counter() - start
+
+    return run(f"import {module}") - run("pass")
+
+
 def stage_seconds(ds_dir: Path) -> dict[str, tuple[float, float]]:
     """Per rule: wall and CPU seconds of its command, from Snakemake's benchmark TSVs."""
     stages = {}
@@ -145,6 +156,8 @@ def main() -> None:
         after_s, after_n = plain_img2dataset(urls, work / "plain_after")
     server.shutdown()
     loads.append(os.getloadavg()[0])
+    # The Snakefile imports it (for the train rule's lineage name): torch, at every start.
+    train_import = import_seconds("dalle_data.train")
     plain_s = (before_s + after_s) / 2
     plain_rate, pipe_rate = (plain_n / before_s + after_n / after_s) / 2, pipe_n / pipe_s
     ratio = pipe_rate / plain_rate
@@ -172,6 +185,7 @@ Where the pipeline's time goes (each rule's command, from Snakemake's `benchmark
 |---|---:|---:|
 {stage_rows}
 | Snakemake itself (start-up, DAG, job bookkeeping): total - rules | {pipe_s - rules:.2f} | |
+| of which: the Snakefile's `import dalle_data.train` (torch), timed alone | {train_import:.2f} | |
 | everything but the download: total - download rules | {not_download:.2f} | |
 | for comparison: plain img2dataset, mean of both runs | {plain_s:.2f} | |
 
