@@ -24,9 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from common import write_result
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / "work"
-RESULTS = ROOT / "benchmarks" / "results" / "metadata.md"
 CC12M_ROWS = 12_423_374
 GOAL_WALL_S = 120.0
 GOAL_RSS_GIB = 3.0
@@ -272,9 +273,7 @@ def main() -> None:
         f"Load average of the machine when it started: {load:.2f}.",
         "",
     ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_result("metadata", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dalle_data import tokenizers  # noqa: E402  (after the path insert)
-from dalle_data.atomic import atomic_open  # noqa: E402
 from dalle_data.compat import import_dalle_pytorch  # noqa: E402
 
+from common import write_result  # noqa: E402
+
 T = TypeVar("T")
-RESULTS = ROOT / "benchmarks" / "results" / "tokenize.md"
 CONTEXT = 128
 GOAL_RATIO = 5.0
 BATCH = 1000
@@ -151,14 +151,12 @@ def main() -> None:
     command = ".venv/bin/python benchmarks/bench_tokenize.py"
     if args.captions != 100_000:
         command += f" --captions {args.captions}"
-    when = os.environ.get("BENCH_DATE", time.strftime("%Y-%m-%d"))
-    machine = os.environ.get("BENCH_MACHINE", f"{os.cpu_count()} cores")
     lines = [
         "### Tokenization: `simple` (CLIP BPE) against DALLE-pytorch's SimpleTokenizer",
         "",
         f"{n:,} generated captions, {distinct:,} distinct words (4-30 syllable words, "
         "some capitals, numbers, punctuation; about 5% with accents, emoji, CJK, curly "
-        f"quotes or HTML entities). Run {when} on {machine}; 1-minute load average "
+        f"quotes or HTML entities). 1-minute load average "
         f"{load_avg_before:.1f} before and {load_avg_after:.1f} after (the machine is shared).",
         "",
         "| tokenizer | wall (s) | CPU (s) | captions/s | speed-up (wall) | speed-up (CPU) |",
@@ -179,9 +177,7 @@ def main() -> None:
         f"cache (the load alone takes {load_s:.2f} s once `dalle_pytorch` is imported).",
         "",
     ]
-    with atomic_open(RESULTS, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(lines))
-    print("\n".join(lines))
+    write_result("tokenize", "\n".join(lines))
     if set(equal.values()) != {n}:
         sys.exit("parity check failed")
 
