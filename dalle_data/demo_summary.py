@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from dalle_data import config as ddconfig
-from dalle_data.train import planned_output
+from dalle_data.naming import planned_output
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

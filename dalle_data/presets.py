@@ -11,15 +11,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from tqdm import tqdm
 
 from dalle_data import lineage as lin
-from dalle_data.loader import LoaderSpec, ShardRef, batches, steps_per_epoch
 from dalle_data.manifest import read_manifest
+
+if TYPE_CHECKING:
+    import torch
+
+    from dalle_data.loader import ShardRef
 
 VAE_CLASSES = ("DiscreteVAE", "VQGanVAE")
 DALLE_KEYS = {
@@ -85,6 +87,8 @@ def preset_family(preset_path: Path) -> str:
 
 
 def _shard_refs(dirs: Sequence[Path]) -> tuple[tuple[ShardRef, ...], dict[str, Any], int]:
+    from dalle_data.loader import ShardRef
+
     refs: list[ShardRef] = []
     tokenizer: dict[str, Any] = {}
     image_size = 0
@@ -107,7 +111,11 @@ def train_discrete_vae(
     steps = int(settings.get("steps", 0))
     if steps <= 0:
         return math.nan
+    import torch
+    from tqdm import tqdm
+
     from dalle_data.checkpoint import model_int
+    from dalle_data.loader import LoaderSpec, batches, steps_per_epoch
     from dalle_data.train import limit_cpu_threads
 
     limit_cpu_threads()
@@ -159,6 +167,8 @@ def init_parent(
     seed: int = 0,
 ) -> Path:
     """Write a fresh DALLE checkpoint for ``preset_path`` to ``output``."""
+    import torch
+
     from dalle_data import tokenizers
     from dalle_data.checkpoint import build_vae, family, model_int, save_checkpoint
     from dalle_data.compat import import_dalle_pytorch

@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 from dalle_data import config as ddconfig
-from dalle_data.train import planned_output
+from dalle_data.naming import planned_output
 
 ddconfig.validate(config)
 

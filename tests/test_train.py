@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from dalle_data import checkpoint as ckpt_io
+from dalle_data.naming import TrainError, planned_output
 from dalle_data.presets import init_parent
-from dalle_data.train import TrainArgs, TrainError, planned_output, train_extend
+from dalle_data.train import TrainArgs, train_extend
 from tests.helpers.tiny import write_dataset, write_preset, write_tokenizer
 
 ARCH = "1L_16HD_2H_32I_8T"
