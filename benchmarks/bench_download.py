@@ -156,8 +156,9 @@ def main() -> None:
         after_s, after_n = plain_img2dataset(urls, work / "plain_after")
     server.shutdown()
     loads.append(os.getloadavg()[0])
-    # The Snakefile imports it (for the train rule's lineage name): torch, at every start.
-    train_import = import_seconds("dalle_data.train")
+    # What the Snakefile imports of dalle_data at every start (config and the train rule's
+    # lineage name; torch-free since naming.py).
+    snakefile_import = import_seconds("dalle_data.config, dalle_data.naming")
     plain_s = (before_s + after_s) / 2
     plain_rate, pipe_rate = (plain_n / before_s + after_n / after_s) / 2, pipe_n / pipe_s
     ratio = pipe_rate / plain_rate
@@ -185,7 +186,7 @@ Where the pipeline's time goes (each rule's command, from Snakemake's `benchmark
 |---|---:|---:|
 {stage_rows}
 | Snakemake itself (start-up, DAG, job bookkeeping): total - rules | {pipe_s - rules:.2f} | |
-| of which: the Snakefile's `import dalle_data.train` (torch), timed alone | {train_import:.2f} | |
+| of which: the Snakefile's `import dalle_data.config, dalle_data.naming`, timed alone | {snakefile_import:.2f} | |
 | everything but the download: total - download rules | {not_download:.2f} | |
 | for comparison: plain img2dataset, mean of both runs | {plain_s:.2f} | |
 
