@@ -22,7 +22,6 @@ from tests.test_download import build, image_bytes, write_metadata
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WANDB_MODE": "disabled"}
 SNAKEFILE = f"""
 configfile: "{REPO}/configs/config.yaml"
 
@@ -59,7 +58,6 @@ def snakemake(workdir: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [str(BIN / "snakemake"), "-s", "Snakefile", "--configfile", "extra.yaml", *args],
         cwd=workdir,
-        env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -152,7 +150,6 @@ def test_end_to_end_cc12m_shards(tmp_path: Path) -> None:
             [str(BIN / "snakemake"), "cc12m_shards", "--cores", "2"]
             + ["--configfile", str(tmp_path / "extra.yaml")],
             cwd=REPO,
-            env=ENV,
             capture_output=True,
             text=True,
             timeout=600,

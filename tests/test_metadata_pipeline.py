@@ -8,7 +8,6 @@ whatever state the later stages are in.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,11 +24,9 @@ DATASETS = ("cc12m", "wit", "yfcc", "sample")
 
 
 def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     return subprocess.run(
         [SNAKEMAKE, *args, "--cores", "2", "--configfile", "test.yaml"],
         cwd=workdir,
-        env=env,
         capture_output=True,
         text=True,
         timeout=300,
