@@ -27,19 +27,19 @@ rule all:
 
 rule cc12m_shards:
     input:
-        verified("cc12m"),
+        built("cc12m"),
 
 
 rule wit_shards:
     input:
-        verified("wit"),
+        built("wit"),
 
 
 rule yfcc_shards:
     input:
-        verified("yfcc"),
+        built("yfcc"),
 
 
 rule sample_shards:
     input:
-        verified("sample"),
+        built("sample"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dalle_data.atomic import atomic_path, write_json
+from dalle_data.compat import for_img2dataset
 
 # Pillow refuses images above 2 x 89,478,485 px and warns above 89,478,485 (its
 # MAX_IMAGE_PIXELS); img2dataset decodes with OpenCV, whose own limit (2**30 px) would let a
@@ -31,6 +33,14 @@ from dalle_data.atomic import atomic_path, write_json
 # is set before img2dataset (and cv2) are imported here and in the worker processes it spawns.
 MAX_IMAGE_PIXELS = 89_478_485
 os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(MAX_IMAGE_PIXELS)
+
+# glibc hands a freed block of more than 128 KiB straight back to the kernel and moves that
+# limit as it goes. img2dataset's threads decode every image into a fresh 1-30 MB buffer, and
+# with the defaults many of those become an mmap/munmap pair whose pages the kernel zeroes
+# again: twice the system time and ~15% more wall time on 6,000 images (measured on 2 cores
+# with benchmarks/bench_download.py's images). Fixed limits keep such buffers in the heap.
+# Other C libraries ignore the variable; a GLIBC_TUNABLES the user set wins.
+GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=134217728"
 
 PLAN = "plan.json"
 # Not *.json: img2dataset takes every JSON file in its output folder for a shard's stats.
@@ -192,8 +202,6 @@ def spark_session(settings: DownloadSettings) -> Iterator[None]:
 
 def download_part(part: Path, out_dir: Path, settings: DownloadSettings) -> dict[str, Any]:
     """Run img2dataset on one part parquet into ``out_dir`` (renamed into place when complete)."""
-    import img2dataset
-
     rows = pq.read_metadata(part).num_rows
     partial = out_dir.with_name(out_dir.name + ".partial")
     params_path = partial / PARAMS
@@ -211,34 +219,44 @@ def download_part(part: Path, out_dir: Path, settings: DownloadSettings) -> dict
         shutil.rmtree(partial)  # left by a run with other settings: its shards do not apply
     partial.mkdir(parents=True, exist_ok=True)
     write_json(params_path, params)
-    with spark_session(settings):
-        img2dataset.download(
-            url_list=str(part),
-            input_format="parquet",
-            url_col="url",
-            save_additional_columns=["row_id", "license"],
-            output_folder=str(partial),
-            output_format="webdataset",
-            image_size=settings.image_size,
-            resize_mode="keep_ratio",
-            # Small images are upscaled too: every stored image has the configured shorter side,
-            # which DALLE-pytorch's crop expects; min_image_size refuses the truly tiny ones.
-            resize_only_if_bigger=False,
-            encode_format="jpg",
-            encode_quality=95,
-            min_image_size=settings.min_image_size,
-            max_aspect_ratio=settings.max_aspect_ratio,
-            timeout=settings.timeout,
-            retries=settings.retries,
-            processes_count=settings.processes,
-            thread_count=settings.thread_count,
-            number_sample_per_shard=per_shard,
-            distributor=settings.distributor,
-            user_agent_token=settings.user_agent_token,
-            extract_exif=False,
-            compute_hash="sha256",
-            enable_wandb=False,
-            incremental_mode="incremental",
+    options = dict(
+        url_list=str(part),
+        input_format="parquet",
+        url_col="url",
+        save_additional_columns=["row_id", "license"],
+        output_folder=str(partial),
+        output_format="webdataset",
+        image_size=settings.image_size,
+        resize_mode="keep_ratio",
+        # Small images are upscaled too: every stored image has the configured shorter side,
+        # which DALLE-pytorch's crop expects; min_image_size refuses the truly tiny ones.
+        resize_only_if_bigger=False,
+        encode_format="jpg",
+        encode_quality=95,
+        min_image_size=settings.min_image_size,
+        max_aspect_ratio=settings.max_aspect_ratio,
+        timeout=settings.timeout,
+        retries=settings.retries,
+        processes_count=settings.processes,
+        thread_count=settings.thread_count,
+        number_sample_per_shard=per_shard,
+        distributor=settings.distributor,
+        user_agent_token=settings.user_agent_token,
+        extract_exif=False,
+        compute_hash="sha256",
+        enable_wandb=False,
+        incremental_mode="incremental",
+    )
+    runner = multiprocessing.get_context("spawn").Process(
+        target=_run_img2dataset, args=(options, settings), name=f"img2dataset {part.name}"
+    )
+    with _environment(GLIBC_TUNABLES=os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES)):
+        runner.start()
+    runner.join()
+    if runner.exitcode != 0:
+        raise DownloadError(
+            f"img2dataset exited with code {runner.exitcode} on {part} (see the log): "
+            f"rerun the download; finished shards in {partial} are reused"
         )
     expected = math.ceil(rows / per_shard)
     done = sorted(partial.glob("*_stats.json"))
@@ -258,6 +276,33 @@ def download_part(part: Path, out_dir: Path, settings: DownloadSettings) -> dict
         stats["count"] += record["count"]
         stats["successes"] += record["successes"]
     return {"part": part.name, "rows": rows, **stats}
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the processes started inside; then restore the caller's."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def _run_img2dataset(options: dict[str, Any], settings: DownloadSettings) -> None:
+    """img2dataset in a process of its own, without torch and wandb (compat.for_img2dataset).
+
+    Its own process, so the caller's process (a test, a notebook) keeps torch and wandb.
+    """
+    for_img2dataset()
+    import img2dataset
+
+    with spark_session(settings):
+        img2dataset.download(**options)
 
 
 @dataclass(frozen=True)

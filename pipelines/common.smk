@@ -1,6 +1,7 @@
 # Config validation and the functions the rule files use, by stage (snakemake --lint
 # wants functions apart from rules).
 
+import functools
 import json
 import re
 import shlex
@@ -36,6 +37,11 @@ def verified(dataset):
     """The record `dalle-data verify` writes once a dataset's shards check out."""
     ds_config(dataset)
     return f"{ds_dir(dataset)}/shards/verify.json"
+
+
+def built(dataset):
+    """A dataset target's end points: verified shards and their card."""
+    return [verified(dataset), f"{ds_dir(dataset)}/shards/README.md"]
 
 
 def dataset_image_size(dataset):
@@ -126,8 +132,10 @@ def downloaded_parts(wildcards):
 TRAIN = config.get("train", {})
 
 
+@functools.cache
 def trained_checkpoint():
-    """`<train.output_dir>/<family>/<name>/<name>.pt` for the configured run."""
+    """`<train.output_dir>/<family>/<name>/<name>.pt` for the configured run (computed once:
+    a parent checkpoint that exists is loaded to name it)."""
     return str(
         planned_output(
             Path(TRAIN["parent"]),
@@ -156,8 +164,9 @@ def trained_outputs():
 
 
 def demo_outputs():
-    """The offline demo's target (`all`): the trained checkpoint, its card and samples."""
-    return list(trained_outputs().values())
+    """The offline demo's target (`all`): the trained checkpoint, its card and samples, and
+    the card of the dataset it trained on."""
+    return [*trained_outputs().values(), *built(TRAIN["dataset"])]
 
 
 def train_options():

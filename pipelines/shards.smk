@@ -1,4 +1,5 @@
-# Shards: all downloaded parts -> byte-reproducible shards, manifest and card; then verify.
+# Shards: all downloaded parts -> byte-reproducible shards and manifest; then the card and
+# verify, which only read the shards and so run side by side.
 
 
 rule finalize:
@@ -12,10 +13,6 @@ rule finalize:
         manifest=f"{OUT}/{{dataset}}/shards/manifest.json",
         failures=f"{OUT}/{{dataset}}/shards/failures.parquet",
         index=f"{OUT}/{{dataset}}/shards/index.parquet",
-        card=f"{OUT}/{{dataset}}/shards/README.md",
-        sheet=f"{OUT}/{{dataset}}/shards/contact_sheet.png",
-        lengths=f"{OUT}/{{dataset}}/shards/caption_lengths.png",
-        sizes=f"{OUT}/{{dataset}}/shards/image_sizes.png",
     params:
         # <dataset_dir>/shards/manifest.json
         dataset_dir=subpath(output.manifest, ancestor=2),
@@ -29,7 +26,28 @@ rule finalize:
     shell:
         "dalle-data finalize --dataset-dir {params.dataset_dir}"
         " --dataset {wildcards.dataset} --tokenizer {params.tokenizer:q}"
-        " --image-size {params.image_size} --shard-size {params.shard_size} > {log} 2>&1"
+        " --image-size {params.image_size} --shard-size {params.shard_size} --no-card"
+        " > {log} 2>&1"
+
+
+rule card:
+    """The dataset card: what was built from what, the accounting, and pictures."""
+    input:
+        manifest=f"{OUT}/{{dataset}}/shards/manifest.json",
+        index=f"{OUT}/{{dataset}}/shards/index.parquet",
+    output:
+        card=f"{OUT}/{{dataset}}/shards/README.md",
+        sheet=f"{OUT}/{{dataset}}/shards/contact_sheet.png",
+        lengths=f"{OUT}/{{dataset}}/shards/caption_lengths.png",
+        sizes=f"{OUT}/{{dataset}}/shards/image_sizes.png",
+    params:
+        shards=subpath(input.manifest, parent=True),
+    log:
+        f"{OUT}/{{dataset}}/logs/card.log",
+    benchmark:
+        f"{OUT}/{{dataset}}/benchmarks/card.tsv"
+    shell:
+        "dalle-data card {params.shards} > {log} 2>&1"
 
 
 rule verify:

@@ -33,7 +33,7 @@ include: "{REPO}/pipelines/shards.smk"
 
 rule target:
     input:
-        verified("cc12m"),
+        built("cc12m"),
 """
 CONFIG = """
 output_dir: data

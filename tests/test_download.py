@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 from PIL import Image
 
 from dalle_data.download import (
+    GLIBC_TUNABLES,
     DownloadSettings,
     download_part,
     failure_reason,
@@ -286,6 +288,15 @@ def test_no_partial_folders_left(hostile: tuple[LocalServer, list[dict], Path]) 
     names = sorted(p.name for p in (ds_dir / "downloaded").iterdir())
     assert names == ["part-00000", "part-00001"]
     assert not list((ds_dir / "shards").glob(".*.tmp"))
+
+
+def test_download_leaves_the_callers_process_alone(
+    hostile: tuple[LocalServer, list[dict], Path],
+) -> None:
+    """img2dataset ran in a process of its own: the caller keeps torch and its environment."""
+    assert importlib.util.find_spec("torch") is not None
+    assert "DALLE_DATA_IMG2DATASET_PROCESS" not in os.environ
+    assert os.environ.get("GLIBC_TUNABLES") != GLIBC_TUNABLES
 
 
 @pytest.mark.parametrize(
