@@ -66,7 +66,7 @@ def _placeholder_wandb() -> ModuleType:
             f"wandb.{name}: dalle-data runs img2dataset without wandb (enable_wandb=False)"
         )
 
-    module.__getattr__ = missing  # type: ignore[attr-defined]
+    setattr(module, "__getattr__", missing)  # noqa: B010 (mypy: a module's __getattr__)
     return module
 
 
