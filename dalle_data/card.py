@@ -40,6 +40,7 @@ REASONS = {
     "decompression_bomb": "more than 89,478,485 pixels (Pillow's limit), refused before decoding",
     "x_robots_tag_opt_out": "the server's X-Robots-Tag opts the image out of AI use (noai, ...)",
     "file_url_refused": "not an http(s) URL, and the dataset does not allow file URLs",
+    "file_not_found": "a file: URL naming a file that does not exist",
 }
 
 

@@ -360,6 +360,8 @@ _REASONS: list[tuple[str, tuple[str, ...]]] = [
     ("decode_error", ("Image decoding error", "imdecode", "buf.empty()")),
     ("timeout", ("timed out", "timeout")),
     ("file_url_refused", ("unknown url type",)),
+    # A file: URL (datasets with allow_file_urls) naming a file that is not there.
+    ("file_not_found", ("No such file or directory",)),
     (
         "connection_error",
         (

@@ -299,6 +299,22 @@ def test_download_leaves_the_callers_process_alone(
     assert os.environ.get("GLIBC_TUNABLES") != GLIBC_TUNABLES
 
 
+def test_missing_local_file_is_counted_as_file_not_found(tmp_path: Path) -> None:
+    """A dataset that allows file: URLs (the sample) names a file that is gone."""
+    present = tmp_path / "images" / "present.jpg"
+    present.parent.mkdir()
+    present.write_bytes(image_bytes("RGB", (90, 80), "JPEG", 3))
+    rows = [
+        {"row_id": 1, "url": present.as_uri(), "caption": "a file that is there"},
+        {"row_id": 2, "url": (tmp_path / "images" / "gone.jpg").as_uri(), "caption": "gone"},
+    ]
+    ds_dir = tmp_path / "local"
+    write_metadata(ds_dir, rows, {})
+    manifest = build(ds_dir, rows_per_part=10, allow_file_urls=True)
+    assert manifest["counts"]["failed"] == {"file_not_found": 1}
+    assert manifest["counts"]["written"] == 1
+
+
 @pytest.mark.parametrize(
     ("message", "reason"),
     [
@@ -308,6 +324,7 @@ def test_download_leaves_the_callers_process_alone(
         ("<urlopen error timed out>", "timeout"),
         ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
         ("<urlopen error unknown url type: ftp>", "file_url_refused"),
+        ("<urlopen error [Errno 2] No such file or directory: '/x/1.jpg'>", "file_not_found"),
         ("something odd happened!", "other:something_odd_happened"),
         (None, "other:unknown"),
     ],
