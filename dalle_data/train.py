@@ -26,7 +26,7 @@ from tqdm import tqdm
 from dalle_data import lineage as lin
 from dalle_data.atomic import atomic_path, write_json
 from dalle_data.hashing import sha256_bytes, sha256_file
-from dalle_data.loader import LoaderSpec, ShardRef, batches, steps_per_epoch
+from dalle_data.loader import Batch, LoaderSpec, ShardRef, batches, steps_per_epoch
 from dalle_data.manifest import MANIFEST, ManifestError, read_manifest, verify
 from dalle_data.naming import TrainError, family_of, parent_history
 
@@ -318,16 +318,17 @@ def train_extend(args: TrainArgs) -> Path:
     while step < total:
         epoch, start = divmod(step, per_epoch)
         for batch in batches(spec, epoch, start):
-            text = batch.text.to(dist.device, non_blocking=True)
-            loss = model(text, batch.image_float(dist.device), return_loss=True)
+            text, image, weight = _step_inputs(batch, dist.device)
+            loss = model(text, image, return_loss=True) * weight
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, args.clip_grad_norm)
-            opt.step()
-            step += 1
             value, counts = _reduce_step(loss.detach(), (len(batch.keys), batch.skipped), dist)
-            losses.append(value)
+            step += 1
             seen, skipped = seen + counts[0], skipped + counts[1]
+            if counts[0]:  # else every sample of the step was corrupt, on every rank
+                torch.nn.utils.clip_grad_norm_(params, args.clip_grad_norm)
+                opt.step()
+                losses.append(value)
             rate = (step - first_step) * args.batch_size / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{rate:.0f}", refresh=False)
             bar.update()
@@ -440,16 +441,28 @@ def _already_done(final: Path, rid: str) -> bool:
     return bool(history) and history[-1].get("run_id") == rid
 
 
+def _step_inputs(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The batch's text, images and loss weight. A batch whose every sample was corrupt
+    (--skip-corrupt) gives one blank sample weighted 0: DALLE refuses an empty batch, and
+    under DDP every rank must still take part in each backward."""
+    if batch.keys:
+        return batch.text.to(device, non_blocking=True), batch.image_float(device), 1.0
+    text = torch.zeros((1, batch.text.shape[1]), dtype=batch.text.dtype, device=device)
+    return text, torch.zeros((1, 3, *batch.image.shape[1:3]), device=device), 0.0
+
+
 def _reduce_step(
     loss: torch.Tensor, counts: tuple[int, int], dist: Dist
 ) -> tuple[float, tuple[int, int]]:
-    """The loss averaged and the sample counts summed over ranks, in one all-reduce."""
+    """The loss averaged over the ranks that had samples and the sample counts summed over
+    ranks, in one all-reduce."""
     if dist.world_size == 1:
         return float(loss), counts
-    extra = [torch.tensor(float(c), device=loss.device) for c in counts]
+    had = 1.0 if counts[0] else 0.0
+    extra = [torch.tensor(float(c), device=loss.device) for c in (had, *counts)]
     packed = torch.stack([loss.float(), *extra])
     torch.distributed.all_reduce(packed)
-    return float(packed[0]) / dist.world_size, (int(packed[1]), int(packed[2]))
+    return float(packed[0]) / max(1.0, float(packed[1])), (int(packed[2]), int(packed[3]))
 
 
 def finish_outputs(

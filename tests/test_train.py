@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dalle_data import checkpoint as ckpt_io
+from dalle_data.loader import LoaderError
 from dalle_data.naming import TrainError, planned_output
 from dalle_data.presets import init_parent
 from dalle_data.train import TrainArgs, train_extend
@@ -131,6 +132,22 @@ def test_preflight_errors_say_what_to_do(world: dict[str, Path], tmp_path: Path)
     assert history(skipped)[0]["steps"] == 4  # 32 intact samples / batch 8
 
 
+def test_batches_of_only_corrupt_samples_are_skipped(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """15 of 16 samples undecodable (their shard intact): each epoch has a batch of none."""
+    spec = f"hug:{world['root'] / 'tokenizer.json'}"
+    shards = write_dataset(tmp_path, 16, 16, dataset="cc12m", tokenizer=spec, corrupt=15)
+    args = replace(args_for(world, world["parent"], "cc12m", tmp_path / "out"), shards=(shards,))
+    with pytest.raises(LoaderError, match="--skip-corrupt"):
+        train_extend(replace(args, epochs=Decimal(2)))
+    final = train_extend(replace(args, epochs=Decimal(2), skip_corrupt=True))
+    step = history(final)[0]
+    assert (step["steps"], step["samples_seen"], step["corrupt_samples_skipped"]) == (4, 2, 30)
+    weights = ckpt_io.load_checkpoint(final)["weights"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
 def ckpt_sha(path: Path) -> str:
     from dalle_data.hashing import sha256_file
 
@@ -205,3 +222,27 @@ def test_two_process_ddp_on_cpu_splits_the_data(world: dict[str, Path], tmp_path
         "lineage.json",
         "samples.png",
     ]
+
+
+@pytest.mark.slow
+def test_ddp_survives_batches_of_only_corrupt_samples(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """A rank whose batch is all corrupt still meets the other in backward (no hang)."""
+    spec = f"hug:{world['root'] / 'tokenizer.json'}"
+    shards = write_dataset(tmp_path, 16, 16, dataset="cc12m", tokenizer=spec, corrupt=15)
+    out = tmp_path / "models"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command = [
+        *torchrun, "-m", "dalle_data.cli", "train-extend", str(world["parent"]),
+        "--shards", str(shards), "--epochs", "2", "--output-dir", str(out),
+        "--batch-size", "8", "--skip-corrupt", "--prompt", "a red square",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    step = history(out / "custom" / f"{ARCH}_cc12m_2E" / f"{ARCH}_cc12m_2E.pt")[0]
+    # 4 samples per rank and batch: 2 steps an epoch, most of them blank on one rank or both
+    assert (step["steps"], step["samples_seen"], step["corrupt_samples_skipped"]) == (4, 2, 30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -43,10 +44,19 @@ def samples(n: int, *, size: int = 48, first_key: int = 0) -> list[Sample]:
 
 
 def write_tiny_shards(
-    out_dir: Path, n: int, shard_size: int, *, dataset: str = "tiny", size: int = 48
+    out_dir: Path,
+    n: int,
+    shard_size: int,
+    *,
+    dataset: str = "tiny",
+    size: int = 48,
+    corrupt: int = 0,
 ) -> list[dict]:
-    """Shards of ``n`` tiny samples in ``out_dir``; returns write_shards' records."""
-    return write_shards(samples(n, size=size), out_dir, dataset=dataset, shard_size=shard_size)
+    """Shards of ``n`` tiny samples in ``out_dir``, the first ``corrupt`` of them with bytes
+    no decoder reads as their image; returns write_shards' records."""
+    made = samples(n, size=size)
+    made[:corrupt] = [dataclasses.replace(s, jpg=b"not a jpeg") for s in made[:corrupt]]
+    return write_shards(made, out_dir, dataset=dataset, shard_size=shard_size)
 
 
 TINY_PRESET = """\
@@ -79,6 +89,7 @@ def write_dataset(
     dataset: str = "tiny",
     image_size: int = 32,
     tokenizer: str | None = None,
+    corrupt: int = 0,
 ) -> Path:
     """``<root>/<dataset>/shards`` with shards and a manifest, as finalize would leave them."""
     from dalle_data import tokenizers
@@ -86,7 +97,7 @@ def write_dataset(
 
     spec = tokenizer or write_tokenizer(root / "tokenizer.json")
     shards_dir = root / dataset / "shards"
-    records = write_tiny_shards(shards_dir, n, shard_size, dataset=dataset)
+    records = write_tiny_shards(shards_dir, n, shard_size, dataset=dataset, corrupt=corrupt)
     write_manifest(
         shards_dir,
         dataset=dataset,
