@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dalle_data.shards import tar_members
+from dalle_data.shards import SampleLayout, sample_layouts
 
 # Whole shards go to consumers when they divide evenly, or when there are this many per
 # consumer (the uneven remainder then costs at most a small share of the epoch).
@@ -225,7 +225,7 @@ class _Shard:
 
     path: Path
     fd: int
-    samples: list[tuple[str, dict[str, tuple[int, int]]]]
+    samples: list[SampleLayout]
     draws: np.ndarray
 
     def read(self, index: int, ext: str) -> bytes:
@@ -234,19 +234,6 @@ class _Shard:
         if len(data) != size:
             raise OSError(f"member {self.samples[index][0]}.{ext} is truncated")
         return data
-
-
-def _index_members(
-    members: Sequence[tuple[str, int, int]],
-) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Members grouped into samples by key, in archive order (as shards.read_shard groups)."""
-    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    for name, offset, size in members:
-        key, _, ext = name.partition(".")
-        if not samples or samples[-1][0] != key:
-            samples.append((key, {}))
-        samples[-1][1][ext] = (offset, size)
-    return samples
 
 
 class _ShardCache:
@@ -266,7 +253,7 @@ class _ShardCache:
         path = self.spec.shards[shard].path
         item: _Shard | None = None
         try:
-            samples = _index_members(tar_members(path))
+            samples = sample_layouts(path)
             fd = os.open(path, os.O_RDONLY)
         except (OSError, tarfile.TarError, EOFError) as err:
             if not self.spec.skip_corrupt:

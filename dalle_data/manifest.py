@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from dalle_data.atomic import write_json
 from dalle_data.hashing import sha256_file
-from dalle_data.shards import tar_members
+from dalle_data.shards import SampleLayout, sample_layouts
 
 MANIFEST = "manifest.json"
 VERIFY_RECORD = "verify.json"
@@ -109,7 +109,7 @@ def verify(shards_dir: Path, *, retokenize: int = 0) -> dict[str, Any]:
     shards_dir = Path(shards_dir)
     manifest = read_manifest(shards_dir)
     total = 0
-    layouts: dict[str, list[_Layout]] = {}
+    layouts: dict[str, list[SampleLayout]] = {}
     for shard in tqdm(manifest["shards"], desc="verify", unit=" shards", mininterval=2.0):
         path = shards_dir / shard["name"]
         if not path.is_file():
@@ -147,18 +147,9 @@ def verify(shards_dir: Path, *, retokenize: int = 0) -> dict[str, Any]:
     }
 
 
-# A sample's key and, per field, where its bytes lie in the shard: (offset, size).
-_Layout = tuple[str, dict[str, tuple[int, int]]]
-
-
-def _complete_samples(path: Path) -> list[_Layout]:
+def _complete_samples(path: Path) -> list[SampleLayout]:
     """The samples of a shard from its tar headers alone, refusing one that lacks a field."""
-    samples: list[_Layout] = []
-    for name, offset, size in tar_members(path):
-        key, _, ext = name.partition(".")
-        if not samples or samples[-1][0] != key:
-            samples.append((key, {}))
-        samples[-1][1][ext] = (offset, size)
+    samples = sample_layouts(path)
     for key, fields in samples:
         missing = [f for f in SAMPLE_FIELDS if f not in fields]
         if missing:
@@ -167,7 +158,7 @@ def _complete_samples(path: Path) -> list[_Layout]:
 
 
 def _retokenize(
-    shards_dir: Path, manifest: dict[str, Any], layouts: dict[str, list[_Layout]], n: int
+    shards_dir: Path, manifest: dict[str, Any], layouts: dict[str, list[SampleLayout]], n: int
 ) -> int:
     """Compare stored ``tok.npy`` with a fresh encoding of ``txt`` for ``n`` spread-out samples."""
     from dalle_data import tokenizers
@@ -182,20 +173,24 @@ def _retokenize(
         )
     total = manifest["counts"]["written"]
     wanted = (
-        set(np.linspace(0, total - 1, num=min(n, total), dtype=np.int64).tolist())
+        sorted(set(np.linspace(0, total - 1, num=min(n, total), dtype=np.int64).tolist()))
         if total
-        else set()
+        else []
     )
     index = 0
     picked: list[tuple[str, str, str, np.ndarray]] = []
     for shard in manifest["shards"]:
+        first, index = index, index + shard["samples"]
+        chosen = [i - first for i in wanted if first <= i < index]
+        if not chosen:
+            continue
+        layout = layouts[shard["name"]]
         with open(shards_dir / shard["name"], "rb") as fh:
-            for key, fields in layouts[shard["name"]]:
-                if index in wanted:
-                    txt, tok = _read(fh, fields["txt"]), _read(fh, fields["tok.npy"])
-                    tokens = np.load(io.BytesIO(tok), allow_pickle=False)
-                    picked.append((shard["name"], key, txt.decode("utf-8"), tokens))
-                index += 1
+            for position in chosen:
+                key, fields = layout[position]
+                txt, tok = _read(fh, fields["txt"]), _read(fh, fields["tok.npy"])
+                tokens = np.load(io.BytesIO(tok), allow_pickle=False)
+                picked.append((shard["name"], key, txt.decode("utf-8"), tokens))
     fresh = tokenizer.encode_batch([caption for _, _, caption, _ in picked])
     for (name, key, caption, stored), ids in zip(picked, fresh, strict=True):
         if not np.array_equal(np.asarray(ids, dtype=np.int64), stored.astype(np.int64)):

@@ -327,20 +327,30 @@ def _tarfile_members(path: Path) -> list[tuple[str, int, int]]:
         return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
 
 
+# A sample's key and, per field (``jpg``, ``tok.npy``, ...), where its bytes lie: (offset, size).
+SampleLayout = tuple[str, dict[str, tuple[int, int]]]
+
+
+def sample_layouts(path: Path) -> list[SampleLayout]:
+    """The samples of a shard from its tar headers alone: members grouped by key, in order."""
+    samples: list[SampleLayout] = []
+    for name, offset, size in tar_members(path):
+        key, _, ext = name.partition(".")
+        if not samples or samples[-1][0] != key:
+            samples.append((key, {}))
+        samples[-1][1][ext] = (offset, size)
+    return samples
+
+
 def read_shard(path: Path) -> Iterator[dict[str, bytes]]:
     """Yield the samples of one shard as ``{"__key__": key, ext: bytes, ...}`` dicts."""
-    current: dict[str, Any] = {}
     with open(path, "rb") as fh:
-        for name, offset, size in tar_members(path):
-            key, _, ext = name.partition(".")
-            if current and current["__key__"] != key:
-                yield current
-                current = {}
-            current["__key__"] = key
-            fh.seek(offset)
-            current[ext] = fh.read(size)
-    if current:
-        yield current
+        for key, fields in sample_layouts(path):
+            sample: dict[str, Any] = {"__key__": key}
+            for ext, (offset, size) in fields.items():
+                fh.seek(offset)
+                sample[ext] = fh.read(size)
+            yield sample
 
 
 FAILURES = "failures.parquet"

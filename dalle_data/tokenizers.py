@@ -412,17 +412,21 @@ def read_captions(source: Path) -> Iterator[str]:
 
 
 def _shard_captions(shards: list[Path]) -> Iterator[str]:
+    """The ``.txt`` members of each shard, read by offset (images are not read)."""
+    from dalle_data.shards import tar_members
+
     for shard in shards:
         try:
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    if member.isfile() and member.name.endswith(".txt"):
-                        data = tar.extractfile(member)
-                        yield _decode(data.read() if data else b"", f"{shard}:{member.name}")
+            members = tar_members(shard)
         except tarfile.TarError as err:
             raise TokenizerError(
                 f"shard {shard} is not a readable tar ({err}): rebuild it"
             ) from err
+        with open(shard, "rb") as fh:
+            for name, offset, size in members:
+                if name.endswith(".txt"):
+                    fh.seek(offset)
+                    yield _decode(fh.read(size), f"{shard}:{name}")
 
 
 def _parquet_captions(path: Path) -> Iterator[str]:
