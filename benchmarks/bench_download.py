@@ -225,7 +225,7 @@ faster than plain img2dataset (dalle_data/download.py, dalle_data/compat.py): it
 processes (runner, logger, workers) start without torch, which webdataset imports when it
 can, and without wandb, which img2dataset imports even with enable_wandb=False (about 3 s
 of start-up each, four processes on two cores); glibc's malloc keeps the decoded images'
-buffers in the heap instead of an mmap/munmap pair each (half the system time); and
+buffers in the heap instead of an mmap/munmap pair each (a third to a half of the system time); and
 albumentations does not look for updates online at import, which plain img2dataset does in
 each process.
 """

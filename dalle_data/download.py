@@ -37,7 +37,7 @@ os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(MAX_IMAGE_PIXELS)
 # glibc hands a freed block of more than 128 KiB straight back to the kernel and moves that
 # limit as it goes. img2dataset's workers decode every image into a fresh 1-30 MB buffer, and
 # with the defaults many of those become an mmap/munmap pair whose pages the kernel zeroes
-# again: twice the system time and ~15% more wall time on 6,000 images (measured on 2 cores
+# again: 2-3x the system time and ~15% more wall time on 6,000 images (measured on 2 cores
 # with benchmarks/bench_download.py's images). Fixed limits keep such buffers in the heap.
 # Other C libraries ignore the variable; a GLIBC_TUNABLES the user set wins.
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=134217728"
