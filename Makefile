@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 
 demo: setup ## the offline demo: sample shards -> tiny model -> extended checkpoint + card
 	$(VENV)/bin/snakemake --cores $(CORES) --profile configs/profiles/local all
-	@$(PY) -m dalle_data.demo_summary data
+	@$(PY) -m dalle_data.demo.summary data
 
 test: setup ## run the test suite (offline; about 10 minutes on 2 cores)
 	$(PY) -m pytest -q

@@ -169,7 +169,7 @@ def main() -> None:
     loads.append(os.getloadavg()[0])
     # What the Snakefile imports of dalle_data at every start (config and the train rule's
     # lineage name; torch-free since naming.py).
-    snakefile_import = import_seconds("dalle_data.config, dalle_data.naming")
+    snakefile_import = import_seconds("dalle_data.config, dalle_data.model.output_name")
     plain_s = (before_s + after_s) / 2
     plain_rate, pipe_rate = (plain_n / before_s + after_n / after_s) / 2, pipe_n / pipe_s
     ratio = pipe_rate / plain_rate
@@ -188,7 +188,7 @@ def main() -> None:
             pipe_s - rules,
         ),
         (
-            "of which: the Snakefile's `import dalle_data.config, dalle_data.naming`, timed alone",
+            "of which: the Snakefile's dalle_data imports (config, model.output_name), timed alone",
             snakefile_import,
         ),
         ("everything but the download: total - download rules", not_download),

@@ -1,4 +1,4 @@
-"""Tokenization speed: ``dalle_data.tokenizers`` ``simple`` against DALLE-pytorch, same run.
+"""Tokenization speed: ``dalle_data.formats.tokenizers`` ``simple`` against DALLE-pytorch, same run.
 
 Goal (issue 5): ``encode_batch`` at least 5x faster than DALLE-pytorch's
 ``SimpleTokenizer().tokenize(captions, 128, truncate_text=True)`` on 100,000 varied captions.
@@ -30,8 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dalle_data import tokenizers  # noqa: E402  (after the path insert)
 from dalle_data.compat import import_dalle_pytorch  # noqa: E402
+from dalle_data.formats import tokenizers  # noqa: E402  (after the path insert)
 
 from common import write_result  # noqa: E402
 

@@ -28,11 +28,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import dalle_data.compat  # noqa: E402,F401
-from dalle_data import checkpoint as ckpt_io  # noqa: E402
-from dalle_data import loader, tokenizers  # noqa: E402
-from dalle_data.manifest import write_manifest  # noqa: E402
-from dalle_data.presets import init_parent  # noqa: E402
-from dalle_data.train import TrainArgs, limit_cpu_threads, train_extend  # noqa: E402
+from dalle_data.formats import tokenizers  # noqa: E402
+from dalle_data.formats.manifest import write_manifest  # noqa: E402
+from dalle_data.model import checkpoint as ckpt_io  # noqa: E402
+from dalle_data.model import loader  # noqa: E402
+from dalle_data.model.distributed import limit_cpu_threads  # noqa: E402
+from dalle_data.model.init import init_parent  # noqa: E402
+from dalle_data.model.train import TrainArgs, train_extend  # noqa: E402
 from tests.helpers.tiny import write_preset, write_tiny_shards, write_tokenizer  # noqa: E402
 
 from common import write_result  # noqa: E402

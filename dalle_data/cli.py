@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
+from typer.core import TyperGroup
+
+from dalle_data.errors import DalleDataError
+
+
+class _Commands(TyperGroup):
+    """Turns every dalle-data error a command raises into one red line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DalleDataError as err:
+            fail(str(err))
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="Reproducible DALLE-pytorch training data and lineage-named checkpoints.",
     no_args_is_help=True,
     add_completion=False,
@@ -38,12 +54,9 @@ def fetch_cmd(
     ] = None,
 ) -> None:
     """Download (resuming) or link each source file into raw/ and record sha256s in fetch.json."""
-    from dalle_data.fetch import FetchError, fetch
+    from dalle_data.pipeline.fetch import fetch
 
-    try:
-        record = fetch(source, raw_dir, subset=subset or None, select=select or None)
-    except FetchError as err:
-        fail(str(err))
+    record = fetch(source, raw_dir, subset=subset or None, select=select or None)
     typer.echo(f"fetched {len(record['files'])} files into {raw_dir}")
 
 
@@ -60,13 +73,9 @@ def normalize_cmd(
     ] = None,
 ) -> None:
     """Stream a source through its format adapter into normalized.parquet + normalize.json."""
-    from dalle_data.normalize import normalize
-    from dalle_data.sources import SourceError
+    from dalle_data.pipeline.normalize import normalize
 
-    try:
-        record = normalize(format, raw_dir, metadata_dir, languages=language, licenses=license)
-    except SourceError as err:
-        fail(str(err))
+    record = normalize(format, raw_dir, metadata_dir, languages=language, licenses=license)
     typer.echo(
         f"{record['input_rows']} rows in, {record['output_rows']} out, dropped {record['dropped']}"
     )
@@ -88,7 +97,7 @@ def filter_cmd(
     workers: Annotated[int, typer.Option(help="caption cleaning processes (0 = all cores)")] = 0,
 ) -> None:
     """Subset, URL, caption and duplicate filters: filtered.parquet, dropped.parquet."""
-    from dalle_data.filters import FilterError, FilterOptions, run
+    from dalle_data.pipeline.filters import FilterOptions, run
 
     options = FilterOptions(
         fraction=fraction,
@@ -99,10 +108,7 @@ def filter_cmd(
         blocklist=tuple(blocklist or ()),
         workers=workers,
     )
-    try:
-        record = run(metadata_dir, options)
-    except FilterError as err:
-        fail(str(err))
+    record = run(metadata_dir, options)
     typer.echo(
         f"{record['input_rows']} rows in, {record['output_rows']} out, dropped {record['dropped']}"
     )
@@ -114,7 +120,7 @@ def make_sample_cmd(
     count: Annotated[int, typer.Option(help="number of pictures")] = 2000,
 ) -> None:
     """Generate the bundled offline source: captioned shape pictures + a few bad entries."""
-    from dalle_data.sources.sample import make_sample
+    from dalle_data.pipeline.sources.sample import make_sample
 
     record = make_sample(out_dir, count=count)
     typer.echo(f"wrote {record['rows']} rows to {out_dir / 'sample.tsv'}")
@@ -129,12 +135,9 @@ def train_tokenizer_cmd(
     output: Annotated[Path, typer.Option("-o", "--output", help="the tokenizer.json to write")],
 ) -> None:
     """Train a small byte-level BPE (for `tokenizer: hug:<json>`) on a dataset's captions."""
-    from dalle_data.tokenizers import TokenizerError, train_bpe
+    from dalle_data.pipeline.train_tokenizer import train_bpe
 
-    try:
-        record = train_bpe(source, vocab_size, output)
-    except TokenizerError as err:
-        fail(str(err))
+    record = train_bpe(source, vocab_size, output)
     typer.echo(f"trained {record['vocab_size']} tokens on {record['captions']} captions: {output}")
 
 
@@ -148,14 +151,11 @@ def plan_download_cmd(
     ] = False,
 ) -> None:
     """Split filtered rows into independent download parts (parts/*.parquet + plan.json)."""
-    from dalle_data.download import DownloadError, plan_download
+    from dalle_data.pipeline.download import plan_download
 
-    try:
-        plan = plan_download(
-            filtered, out, rows_per_part=rows_per_part, allow_file_urls=allow_file_urls
-        )
-    except DownloadError as err:
-        fail(str(err))
+    plan = plan_download(
+        filtered, out, rows_per_part=rows_per_part, allow_file_urls=allow_file_urls
+    )
     typer.echo(
         f"{plan['input_rows']} rows in {len(plan['parts'])} parts, refused {plan['refused']}"
     )
@@ -184,7 +184,7 @@ def download_cmd(
     ] = None,
 ) -> None:
     """Download one part's images with img2dataset (resized, webdataset output)."""
-    from dalle_data.download import DownloadError, DownloadSettings, download_part
+    from dalle_data.pipeline.download import DownloadSettings, download_part
 
     settings = DownloadSettings(
         image_size=image_size,
@@ -199,10 +199,7 @@ def download_cmd(
         spark_master=spark_master,
         spark_conf=tuple(_key_value(item) for item in spark_conf or ()),
     )
-    try:
-        stats = download_part(part, out, settings)
-    except DownloadError as err:
-        fail(str(err))
+    stats = download_part(part, out, settings)
     typer.echo(f"{part.name}: {stats.get('successes', 0)} of {stats['rows']} images")
 
 
@@ -216,24 +213,18 @@ def finalize_cmd(
     card: Annotated[bool, typer.Option(help="also write the dataset card README.md")] = True,
 ) -> None:
     """Downloaded parts -> shards/<dataset>-NNNNN.tar, manifest.json, failures.parquet, card."""
-    from dalle_data.card import write_card
-    from dalle_data.download import DownloadError
-    from dalle_data.manifest import ManifestError
-    from dalle_data.shards import ShardError, finalize
-    from dalle_data.tokenizers import TokenizerError
+    from dalle_data.pipeline.dataset_card import write_card
+    from dalle_data.pipeline.finalize import finalize
 
-    try:
-        manifest = finalize(
-            dataset_dir,
-            dataset=dataset,
-            tokenizer_spec=tokenizer,
-            image_size=image_size,
-            shard_size=shard_size,
-        )
-        if card:
-            write_card(dataset_dir / "shards")
-    except (ShardError, ManifestError, DownloadError, TokenizerError) as err:
-        fail(str(err))
+    manifest = finalize(
+        dataset_dir,
+        dataset=dataset,
+        tokenizer_spec=tokenizer,
+        image_size=image_size,
+        shard_size=shard_size,
+    )
+    if card:
+        write_card(dataset_dir / "shards")
     counts = manifest["counts"]
     typer.echo(f"{dataset}: wrote {counts['written']} samples in {len(manifest['shards'])} shards")
 
@@ -247,13 +238,9 @@ def verify_cmd(
 ) -> None:
     """Re-hash and count every shard against manifest.json; write verify.json if all match."""
     from dalle_data.atomic import write_json
-    from dalle_data.manifest import VERIFY_RECORD, ManifestError, verify
-    from dalle_data.tokenizers import TokenizerError
+    from dalle_data.formats.manifest import VERIFY_RECORD, verify
 
-    try:
-        report = verify(shards_dir, retokenize=retokenize)
-    except (ManifestError, TokenizerError) as err:
-        fail(str(err))
+    report = verify(shards_dir, retokenize=retokenize)
     write_json(shards_dir / VERIFY_RECORD, report)
     typer.echo(f"ok: {report['shards']} shards, {report['samples']} samples")
 
@@ -263,13 +250,9 @@ def card_cmd(
     shards_dir: Annotated[Path, typer.Argument(help="a shards folder with manifest.json")],
 ) -> None:
     """Write the dataset card README.md with contact sheet and histograms."""
-    from dalle_data.card import write_card
-    from dalle_data.manifest import ManifestError
+    from dalle_data.pipeline.dataset_card import write_card
 
-    try:
-        path = write_card(shards_dir)
-    except ManifestError as err:
-        fail(str(err))
+    path = write_card(shards_dir)
     typer.echo(f"wrote {path}")
 
 
@@ -281,36 +264,10 @@ def inspect_cmd(
     """Print a checkpoint's architecture, VAE, lineage, epochs, size and name."""
     import json
 
-    from dalle_data.checkpoint import CheckpointError, format_summary, load_checkpoint, summary
+    from dalle_data.model.checkpoint import format_summary, load_checkpoint, summary
 
-    try:
-        info = summary(load_checkpoint(checkpoint), file_name=checkpoint.name)
-    except CheckpointError as err:
-        fail(str(err))
+    info = summary(load_checkpoint(checkpoint), file_name=checkpoint.name)
     typer.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else format_summary(info))
-
-
-def _training_errors() -> tuple[type[Exception], ...]:
-    """The domain errors of the training commands (all ValueErrors with a fix in the text)."""
-    from dalle_data.checkpoint import CheckpointError
-    from dalle_data.generate import GenerateError
-    from dalle_data.lineage import LineageError
-    from dalle_data.loader import LoaderError
-    from dalle_data.manifest import ManifestError
-    from dalle_data.presets import PresetError
-    from dalle_data.tokenizers import TokenizerError
-    from dalle_data.train import TrainError
-
-    return (
-        CheckpointError,
-        GenerateError,
-        LineageError,
-        LoaderError,
-        ManifestError,
-        PresetError,
-        TokenizerError,
-        TrainError,
-    )
 
 
 VqganModel = Annotated[
@@ -355,7 +312,7 @@ def train_extend_cmd(
     """Continue PARENT on shards; write the lineage-named checkpoint, lineage.json and card."""
     from decimal import Decimal, InvalidOperation
 
-    from dalle_data.train import DEFAULT_PROMPTS, TrainArgs, train_extend
+    from dalle_data.model.train import DEFAULT_PROMPTS, TrainArgs, train_extend
 
     try:
         epochs_value = Decimal(epochs)
@@ -378,12 +335,15 @@ def train_extend_cmd(
         parent_lineage=parent_lineage,
         skip_corrupt=skip_corrupt,
         prompts=tuple(prompt) if prompt else DEFAULT_PROMPTS,
-        evaluate_colours=evaluate_colours,
     )
-    try:
-        final = train_extend(args)
-    except _training_errors() as err:
-        fail(str(err))
+    evaluate = None
+    if evaluate_colours:
+        from functools import partial
+
+        from dalle_data.demo.colours import colour_quality
+
+        evaluate = partial(colour_quality, seed=seed)
+    final = train_extend(args, evaluate)
     typer.echo(str(final))
 
 
@@ -404,22 +364,19 @@ def generate_cmd(
     vqgan_config_path: VqganConfig = None,
 ) -> None:
     """Generate a grid of images, one row per prompt, from a checkpoint."""
-    from dalle_data.generate import generate_grid
+    from dalle_data.model.generate import generate_grid
 
-    try:
-        path = generate_grid(
-            checkpoint,
-            prompts,
-            output,
-            num_images=num_images,
-            seed=seed,
-            top_k=top_k,
-            tokenizer=tokenizer,
-            vqgan_model_path=vqgan_model_path,
-            vqgan_config_path=vqgan_config_path,
-        )
-    except _training_errors() as err:
-        fail(str(err))
+    path = generate_grid(
+        checkpoint,
+        prompts,
+        output,
+        num_images=num_images,
+        seed=seed,
+        top_k=top_k,
+        tokenizer=tokenizer,
+        vqgan_model_path=vqgan_model_path,
+        vqgan_config_path=vqgan_config_path,
+    )
     typer.echo(str(path))
 
 
@@ -439,20 +396,17 @@ def init_cmd(
     vqgan_config_path: VqganConfig = None,
 ) -> None:
     """Create a fresh parent checkpoint (no lineage yet) from a model preset."""
-    from dalle_data.presets import init_parent
+    from dalle_data.model.init import init_parent
 
-    try:
-        path = init_parent(
-            preset,
-            output,
-            shards=tuple(shards or ()),
-            tokenizer=tokenizer,
-            seed=seed,
-            vqgan_model_path=vqgan_model_path,
-            vqgan_config_path=vqgan_config_path,
-        )
-    except _training_errors() as err:
-        fail(str(err))
+    path = init_parent(
+        preset,
+        output,
+        shards=tuple(shards or ()),
+        tokenizer=tokenizer,
+        seed=seed,
+        vqgan_model_path=vqgan_model_path,
+        vqgan_config_path=vqgan_config_path,
+    )
     typer.echo(str(path))
 
 
@@ -471,25 +425,22 @@ def evaluate_cmd(
     """Colour accuracy: generate "a <colour> circle" per sample colour and classify them."""
     import json
 
-    from dalle_data import checkpoint as ckpt_io
     from dalle_data.atomic import write_json
-    from dalle_data.evaluate import colour_accuracy
-    from dalle_data.generate import checkpoint_tokenizer
-    from dalle_data.sources.sample import COLOURS
+    from dalle_data.demo.colours import colour_accuracy
+    from dalle_data.model import checkpoint as ckpt_io
+    from dalle_data.model.generate import checkpoint_tokenizer
+    from dalle_data.pipeline.sources.sample import COLOURS
 
-    try:
-        ckpt = ckpt_io.load_checkpoint(checkpoint)
-        dalle = ckpt_io.build_dalle(ckpt)
-        result = colour_accuracy(
-            dalle,
-            checkpoint_tokenizer(ckpt),
-            dict(COLOURS),
-            per_colour=per_colour,
-            seed=seed,
-            grid=grid,
-        )
-    except _training_errors() as err:
-        fail(str(err))
+    ckpt = ckpt_io.load_checkpoint(checkpoint)
+    dalle = ckpt_io.build_dalle(ckpt)
+    result = colour_accuracy(
+        dalle,
+        checkpoint_tokenizer(ckpt),
+        dict(COLOURS),
+        per_colour=per_colour,
+        seed=seed,
+        grid=grid,
+    )
     if output is not None:
         write_json(output, result)
     typer.echo(json.dumps(result, indent=2))

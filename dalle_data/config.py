@@ -9,11 +9,13 @@ from typing import Any
 import jsonschema
 import yaml
 
+from dalle_data.errors import DalleDataError
+
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "configs" / "config.schema.yaml"
 DATASET_NAME = re.compile(r"^[a-z0-9]+$")
 
 
-class ConfigError(ValueError):
+class ConfigError(DalleDataError):
     """A configuration value a user must fix; the message names the key and the fix."""
 
 

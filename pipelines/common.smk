@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 from dalle_data import config as ddconfig
-from dalle_data.naming import planned_output
+from dalle_data.model.output_name import planned_output
 
 ddconfig.validate(config)
 

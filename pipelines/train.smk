@@ -1,6 +1,6 @@
 # Training: a fresh parent from a model preset (the demo's `init_parent`), then
 # `train-extend` driven by the config's `train:` section. The trained checkpoint's
-# lineage name is computed before the run (dalle_data.naming.planned_output) from the
+# lineage name is computed before the run (dalle_data.model.output_name.planned_output) from the
 # parent's hparams (or, for a parent init builds, its preset) and train.dataset/epochs.
 # The functions these rules use are in common.smk.
 

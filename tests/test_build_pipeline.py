@@ -124,7 +124,7 @@ def test_kill9_resume_gives_same_bytes_as_other_split(tmp_path: Path) -> None:
         other = tmp_path / "other" / "cc12m"
         shutil.copytree(work / "data" / "cc12m" / "metadata", other / "metadata")
         build(other, rows_per_part=100, shard_size=4, dataset="cc12m", tokenizer="simple")
-        from dalle_data.card import write_card
+        from dalle_data.pipeline.dataset_card import write_card
 
         write_card(other / "shards")
     assert shard_bytes(other / "shards") == resumed
@@ -155,7 +155,7 @@ def test_end_to_end_cc12m_shards(tmp_path: Path) -> None:
             timeout=600,
         )
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    from dalle_data.manifest import read_manifest
+    from dalle_data.formats.manifest import read_manifest
 
     shards = tmp_path / "data" / "cc12m" / "shards"
     manifest = read_manifest(shards)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle_data import checkpoint
-from dalle_data.checkpoint import (
+from dalle_data.model import checkpoint
+from dalle_data.model.checkpoint import (
     CheckpointError,
     build_dalle,
     family,

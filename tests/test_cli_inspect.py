@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dalle_data.checkpoint import save_checkpoint
 from dalle_data.cli import app
+from dalle_data.model.checkpoint import save_checkpoint
 from tests.helpers import models
 
 runner = CliRunner()

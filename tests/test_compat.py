@@ -36,7 +36,7 @@ def test_dalle_pytorch_alone_fails_without_the_shim():
 def test_importing_dalle_data_stays_cheap():
     """Also what the Snakefile imports when it parses: every `snakemake` start pays for it."""
     result = run(
-        "import sys, dalle_data, dalle_data.config, dalle_data.naming\n"
+        "import sys, dalle_data, dalle_data.config, dalle_data.model.output_name\n"
         "print('torch' in sys.modules)"
     )
     assert result.stdout.strip() == "False", result.stderr

@@ -53,7 +53,7 @@ def test_demo_builds_a_lineage_named_checkpoint_with_card_and_quality(tmp_path: 
         [
             sys.executable,
             "-m",
-            "dalle_data.demo_summary",
+            "dalle_data.demo.summary",
             "data",
             "configs/config.yaml",
             str(reduced),

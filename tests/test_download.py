@@ -18,7 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dalle_data.download import (
+from dalle_data.formats.manifest import read_manifest, verify
+from dalle_data.formats.webdataset import read_shard, row_key
+from dalle_data.pipeline.download import (
     GLIBC_TUNABLES,
     DownloadSettings,
     download_part,
@@ -26,8 +28,7 @@ from dalle_data.download import (
     plan_download,
     read_plan,
 )
-from dalle_data.manifest import read_manifest, verify
-from dalle_data.shards import finalize, read_shard, row_key
+from dalle_data.pipeline.finalize import finalize
 from tests.helpers.http import LocalServer, Route, reset, serve, stall
 
 TIMEOUT = 5.0  # generous: on a loaded 2-core machine a 1 s connect can time out

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dalle_data.cli import app
-from dalle_data.fetch import FetchError, fetch
+from dalle_data.pipeline.fetch import FetchError, fetch
 from tests.helpers.http import LocalServer, Route
 
 BODY = bytes(range(256)) * 4000  # ~1 MB

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from dalle_data import filters
 from dalle_data.cli import app
-from dalle_data.filters import (
+from dalle_data.pipeline import filters
+from dalle_data.pipeline.filters import (
     BlocklistFilter,
     CaptionLengthFilter,
     FilterError,
@@ -28,7 +28,7 @@ from dalle_data.filters import (
     duplicate_mask,
     run,
 )
-from dalle_data.sources import SCHEMA, make_rows
+from dalle_data.pipeline.sources import SCHEMA, make_rows
 
 
 def _rows(urls: list[str], captions: list[str], start: int = 1) -> pa.Table:

@@ -10,8 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dalle_data.cli import app
-from dalle_data.evaluate import dominant_colour
-from dalle_data.presets import init_parent
+from dalle_data.demo.colours import dominant_colour
+from dalle_data.model.init import init_parent
 from tests.helpers.tiny import write_dataset, write_preset
 
 PALETTE = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dalle_data.lineage import (
+from dalle_data.model.lineage import (
     Architecture,
     LineageError,
     ModelName,

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dalle_data import loader
-from dalle_data.loader import LoaderError, LoaderSpec, ShardRef
+from dalle_data.model import loader
+from dalle_data.model.loader import LoaderError, LoaderSpec, ShardRef
 from tests.helpers.tiny import write_tiny_shards
 
 
@@ -69,7 +69,7 @@ def test_crops_depend_on_the_sample_not_on_who_reads_it(tmp_path: Path) -> None:
 
 
 def test_read_tokens_matches_np_load() -> None:
-    from dalle_data.shards import encode_tokens
+    from dalle_data.formats.webdataset import encode_tokens
 
     for ids in (np.arange(0), np.arange(7), np.arange(2**20, 2**20 + 300)):
         data = encode_tokens(ids)
@@ -151,7 +151,7 @@ def test_corrupt_shard_fails_with_its_name_or_is_skipped_and_counted(tmp_path: P
 
 
 def test_undecodable_image_is_named_or_skipped(tmp_path: Path) -> None:
-    from dalle_data.shards import write_shards
+    from dalle_data.formats.webdataset import write_shards
     from tests.helpers.tiny import samples
 
     items = samples(8)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from dalle_data import tokenizers
+from dalle_data.formats import tokenizers
+from dalle_data.formats.manifest import ManifestError, read_manifest, verify, write_manifest
+from dalle_data.formats.webdataset import write_shards
 from dalle_data.hashing import sha256_file
-from dalle_data.manifest import ManifestError, read_manifest, verify, write_manifest
-from dalle_data.shards import write_shards
 from tests.test_shards import make_samples
 
 TOKENIZER = {"kind": "test", "vocab_size": 10, "fingerprint": "f" * 64, "spec": "simple"}

@@ -8,9 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dalle_data import checkpoint as ckpt_io
 from dalle_data.cli import app
-from dalle_data.presets import PresetError, init_parent, preset_family, preset_name
+from dalle_data.model import checkpoint as ckpt_io
+from dalle_data.model.init import PresetError, init_parent, preset_family, preset_name
 from tests.helpers.tiny import TINY_PRESET, write_dataset, write_preset
 
 REPO = Path(__file__).resolve().parent.parent

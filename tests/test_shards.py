@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dalle_data.shards import (
+from dalle_data.formats.webdataset import (
     Sample,
     ShardError,
     encode_tokens,

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dalle_data.sources import (
+from dalle_data.pipeline.sources import (
     DROPPED_SCHEMA,
     SCHEMA,
     Options,
@@ -356,8 +356,8 @@ def test_make_sample_is_deterministic_and_captions_name_the_picture(
 def test_normalize_sorts_out_of_order_ids_in_buckets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dalle_data import normalize
-    from dalle_data.fetch import fetch
+    from dalle_data.pipeline import normalize
+    from dalle_data.pipeline.fetch import fetch
 
     path, subset = tmp_path / "yfcc100m_dataset.bz2", tmp_path / "subset.tsv"
     expected = write_yfcc(path, subset)
@@ -373,8 +373,8 @@ def test_normalize_sorts_out_of_order_ids_in_buckets(
 
 
 def test_normalize_refuses_repeated_photo_ids(tmp_path: Path) -> None:
-    from dalle_data import normalize
-    from dalle_data.fetch import fetch
+    from dalle_data.pipeline import normalize
+    from dalle_data.pipeline.fetch import fetch
 
     path = tmp_path / "yfcc100m_dataset"
     lines = [_yfcc_line(pid, "A+title", "") for pid in (5, 3, 5)]

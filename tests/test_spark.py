@@ -37,7 +37,7 @@ def test_pyspark_build_is_byte_identical_to_multiprocessing(tmp_path: Path) -> N
                 distributor=distributor,
                 processes=2,
             )
-            from dalle_data.card import write_card
+            from dalle_data.pipeline.dataset_card import write_card
 
             write_card(ds_dir / "shards")
             built[distributor] = shard_bytes(ds_dir / "shards")

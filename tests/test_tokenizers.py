@@ -1,4 +1,4 @@
-"""dalle_data.tokenizers against DALLE-pytorch's own tokenizer classes, and train-tokenizer.
+"""dalle_data.formats.tokenizers against DALLE-pytorch's own tokenizer classes, and train-tokenizer.
 
 Parity is the whole point: shards store token ids once, so they must be exactly what
 DALLE-pytorch's ``SimpleTokenizer`` / ``HugTokenizer`` / ``YttmTokenizer`` compute.
@@ -24,9 +24,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from dalle_data import tokenizers
 from dalle_data.cli import app
 from dalle_data.compat import import_dalle_pytorch
+from dalle_data.formats import tokenizers
+from dalle_data.pipeline import train_tokenizer
 
 import_dalle_pytorch()
 from dalle_pytorch import tokenizer as dt  # noqa: E402  (after the compat shim)
@@ -172,7 +173,7 @@ def test_simple_clean_up_matches_the_reference_on_random_unicode(text):
 def test_simple_tokenizer_does_not_import_torch():
     """Every process that writes or verifies shards loads it: torch would add seconds."""
     code = (
-        "import sys; from dalle_data import tokenizers;"
+        "import sys; from dalle_data.formats import tokenizers;"
         " ids = tokenizers.load('simple').encode_batch(['a cat'])[0].tolist();"
         " heavy = ('torch', 'dalle_pytorch', 'transformers');"
         " print(ids, sorted(m for m in heavy if m in sys.modules))"
@@ -213,7 +214,7 @@ def hug_json(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("hug")
     source = write_captions(folder / "captions.txt", CAPTIONS)
     output = folder / "tokenizer.json"
-    record = tokenizers.train_bpe(source, 400, output)
+    record = train_tokenizer.train_bpe(source, 400, output)
     assert record["captions"] == len(CAPTIONS)
     return output
 

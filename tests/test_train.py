@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle_data import checkpoint as ckpt_io
-from dalle_data.loader import LoaderError
-from dalle_data.naming import TrainError, planned_output
-from dalle_data.presets import init_parent
-from dalle_data.train import TrainArgs, train_extend
+from dalle_data.model import checkpoint as ckpt_io
+from dalle_data.model.init import init_parent
+from dalle_data.model.loader import LoaderError
+from dalle_data.model.output_name import TrainError, planned_output
+from dalle_data.model.train import TrainArgs, train_extend
 from tests.helpers.tiny import write_dataset, write_preset, write_tokenizer
 
 ARCH = "1L_16HD_2H_32I_8T"

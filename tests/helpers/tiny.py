@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dalle_data.shards import Sample, write_shards
+from dalle_data.formats.webdataset import Sample, write_shards
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
@@ -92,8 +92,8 @@ def write_dataset(
     corrupt: int = 0,
 ) -> Path:
     """``<root>/<dataset>/shards`` with shards and a manifest, as finalize would leave them."""
-    from dalle_data import tokenizers
-    from dalle_data.manifest import write_manifest
+    from dalle_data.formats import tokenizers
+    from dalle_data.formats.manifest import write_manifest
 
     spec = tokenizer or write_tokenizer(root / "tokenizer.json")
     shards_dir = root / dataset / "shards"

@@ -16,15 +16,16 @@ import numpy as np
 from tqdm import tqdm
 
 from dalle_data.atomic import write_json
+from dalle_data.errors import DalleDataError
+from dalle_data.formats.webdataset import SampleLayout, sample_layouts
 from dalle_data.hashing import sha256_file
-from dalle_data.shards import SampleLayout, sample_layouts
 
 MANIFEST = "manifest.json"
 VERIFY_RECORD = "verify.json"
 SAMPLE_FIELDS = ("jpg", "json", "tok.npy", "txt")
 
 
-class ManifestError(ValueError):
+class ManifestError(DalleDataError):
     """A manifest that is missing, inconsistent, or does not match the shards beside it."""
 
 
@@ -112,17 +113,9 @@ def verify(shards_dir: Path, *, retokenize: int = 0) -> dict[str, Any]:
     layouts: dict[str, list[SampleLayout]] = {}
     for shard in tqdm(manifest["shards"], desc="verify", unit=" shards", mininterval=2.0):
         path = shards_dir / shard["name"]
-        if not path.is_file():
-            raise ManifestError(f"shard {path} is missing: rebuild with dalle-data finalize")
-        size = path.stat().st_size
-        if size < shard["bytes"]:
-            raise ManifestError(
-                f"shard {path} is truncated ({size} of {shard['bytes']} bytes): rebuild it"
-            )
-        if size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
-            raise ManifestError(
-                f"shard {path} was altered (sha256 differs from {MANIFEST}): rebuild it"
-            )
+        problem = shard_problem(path, shard)
+        if problem:
+            raise ManifestError(problem)
         layouts[shard["name"]] = _complete_samples(path)
         count = len(layouts[shard["name"]])
         if count != shard["samples"]:
@@ -147,6 +140,18 @@ def verify(shards_dir: Path, *, retokenize: int = 0) -> dict[str, Any]:
     }
 
 
+def shard_problem(path: Path, shard: dict[str, Any]) -> str | None:
+    """Why the shard at ``path`` is not the one its manifest entry describes, or None."""
+    if not path.is_file():
+        return f"shard {path} is missing: rebuild with dalle-data finalize"
+    size = path.stat().st_size
+    if size < shard["bytes"]:
+        return f"shard {path} is truncated ({size} of {shard['bytes']} bytes): rebuild it"
+    if size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
+        return f"shard {path} was altered (sha256 differs from {MANIFEST}): rebuild it"
+    return None
+
+
 def _complete_samples(path: Path) -> list[SampleLayout]:
     """The samples of a shard from its tar headers alone, refusing one that lacks a field."""
     samples = sample_layouts(path)
@@ -161,7 +166,7 @@ def _retokenize(
     shards_dir: Path, manifest: dict[str, Any], layouts: dict[str, list[SampleLayout]], n: int
 ) -> int:
     """Compare stored ``tok.npy`` with a fresh encoding of ``txt`` for ``n`` spread-out samples."""
-    from dalle_data import tokenizers
+    from dalle_data.formats import tokenizers
 
     recorded = manifest["tokenizer"]
     tokenizer = tokenizers.load(recorded["spec"])

@@ -1,6 +1,6 @@
 """The last lines of ``make demo``: where the demo's outputs are and its measured quality.
 
-``python -m dalle_data.demo_summary data [CONFIG ...]``: later config files override
+``python -m dalle_data.demo.summary data [CONFIG ...]``: later config files override
 earlier ones, as with ``snakemake --configfile`` (default: configs/config.yaml).
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from dalle_data import config as ddconfig
-from dalle_data.naming import planned_output
+from dalle_data.model.output_name import planned_output
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """``train-extend``: continue a DALLE-pytorch checkpoint on shards and name it by lineage.
 
 Training is train_dalle.py's (Adam, clip_grad_norm, ``dalle(text, images,
-return_loss=True)``) on batches from :mod:`dalle_data.loader`. Everything that can be
+return_loss=True)``) on batches from :mod:`dalle_data.model.loader`. Everything that can be
 wrong with the inputs is checked before the first step. Step checkpoints make a run
 resumable after kill -9: the data order is a function of ``(seed, epoch)``, so the
 resumed run sees exactly the batches the uninterrupted one would have.
@@ -12,10 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dalle_data import lineage as lin
 from dalle_data.atomic import atomic_path, write_json
+from dalle_data.errors import TrainError
+from dalle_data.formats.manifest import (
+    MANIFEST,
+    ManifestError,
+    read_manifest,
+    shard_problem,
+    verify,
+)
 from dalle_data.hashing import sha256_bytes, sha256_file
-from dalle_data.loader import Batch, LoaderSpec, ShardRef, batches, steps_per_epoch
-from dalle_data.manifest import MANIFEST, ManifestError, read_manifest, verify
-from dalle_data.naming import TrainError, family_of, parent_history
+from dalle_data.model import lineage as lin
+from dalle_data.model.distributed import Dist, limit_cpu_threads, setup_distributed
+from dalle_data.model.loader import Batch, LoaderSpec, ShardRef, batches, steps_per_epoch
+from dalle_data.model.output_name import family_of, parent_history
 
 DEFAULT_PROMPTS = (
     "An armchair in the shape of an avocado. An armchair imitating an avocado.",
@@ -37,6 +44,8 @@ DEFAULT_PROMPTS = (
 )
 RUNS_DIR = ".runs"
 STEP_CHECKPOINTS_KEPT = 2
+# A quality figure computed after training, shown in the model card.
+Evaluation = Callable[[Any, Any, Path], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -60,24 +69,6 @@ class TrainArgs:
     skip_corrupt: bool = False
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     samples_per_prompt: int = 4
-    evaluate_colours: bool = False
-
-
-@dataclass
-class Dist:
-    """Where this process sits in a torchrun job (world 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_root(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
 
 
 @dataclass(frozen=True)
@@ -90,41 +81,6 @@ class ShardSet:
     tokenizer: dict[str, Any]
     image_size: int
     corrupt: tuple[str, ...]
-
-
-def limit_cpu_threads() -> None:
-    """Intra-op CPU threads: ``DALLE_DATA_CPU_THREADS`` (default 1; 0 = torch's own choice).
-
-    Small models gain little from intra-op threads, and when other processes share the
-    cores (loader workers, DDP ranks, other jobs) OpenMP's spinning threads collapse
-    throughput: measured here, 0.28 steps/s with 2 threads vs 3.95 with 1 on a busy
-    2-core machine, same losses. OMP_NUM_THREADS is not used for this: Snakemake sets it
-    to a rule's ``threads:``, which count cores reserved, not a tuning choice.
-    """
-    if torch.cuda.is_available():
-        return
-    raw = os.environ.get("DALLE_DATA_CPU_THREADS", "1")
-    try:
-        threads = int(raw)
-    except ValueError:
-        raise TrainError(f"DALLE_DATA_CPU_THREADS={raw!r} is not a number of threads") from None
-    if threads > 0:
-        torch.set_num_threads(threads)
-
-
-def setup_distributed() -> Dist:
-    """Join the torchrun process group (gloo on CPU, NCCL on GPUs) when WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if world <= 1:
-        return Dist(device=torch.device("cuda" if cuda else "cpu"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    return Dist(torch.distributed.get_rank(), world, device)
 
 
 def load_shard_set(dirs: Sequence[Path], *, skip_corrupt: bool) -> ShardSet:
@@ -175,16 +131,8 @@ def load_shard_set(dirs: Sequence[Path], *, skip_corrupt: bool) -> ShardSet:
 
 def _corrupt_shards(shards_dir: Path, manifest: dict[str, Any]) -> set[str]:
     """Names of shards missing or not byte-identical to the manifest (skipped, counted)."""
-    bad = set()
-    for shard in tqdm(manifest["shards"], desc="check shards", unit=" shards", mininterval=2.0):
-        path = shards_dir / shard["name"]
-        if (
-            not path.is_file()
-            or path.stat().st_size != shard["bytes"]
-            or sha256_file(path) != shard["sha256"]
-        ):
-            bad.add(shard["name"])
-    return bad
+    shards = tqdm(manifest["shards"], desc="check shards", unit=" shards", mininterval=2.0)
+    return {s["name"] for s in shards if shard_problem(shards_dir / s["name"], s)}
 
 
 def run_id(args: TrainArgs, parent_sha: str, data: ShardSet, world: int) -> str:
@@ -217,9 +165,13 @@ def _save_step(run_dir: Path, state: dict[str, Any]) -> None:
         old.unlink(missing_ok=True)
 
 
-def train_extend(args: TrainArgs) -> Path:
-    """Train, write ``<output_dir>/<family>/<name>/<name>.pt`` + lineage.json + card; return it."""
-    from dalle_data import checkpoint as ckpt_io
+def train_extend(args: TrainArgs, evaluate: Evaluation | None = None) -> Path:
+    """Train, write ``<output_dir>/<family>/<name>/<name>.pt`` + lineage.json + card; return it.
+
+    ``evaluate(dalle, tokenizer, folder)`` may add a quality figure to the card (the demo's
+    colour accuracy); the training core knows nothing of what it measures.
+    """
+    from dalle_data.model import checkpoint as ckpt_io
 
     limit_cpu_threads()
     dist = setup_distributed()
@@ -399,7 +351,7 @@ def train_extend(args: TrainArgs) -> Path:
         tokenizer=data.tokenizer,
     )
     write_json(final.parent / "lineage.json", record)
-    finish_outputs(dalle, final, record, hparams, ckpt["vae_class_name"], args)
+    finish_outputs(dalle, final, record, hparams, ckpt["vae_class_name"], args, evaluate)
     for leftover in run_dir.glob("step-*.pt"):
         leftover.unlink()
     with contextlib.suppress(OSError):
@@ -472,10 +424,12 @@ def finish_outputs(
     hparams: dict[str, Any],
     vae_class_name: str,
     args: TrainArgs,
+    evaluate: Evaluation | None,
 ) -> None:
-    """samples.png, the optional colour-accuracy figure, and README.md beside ``final``."""
-    from dalle_data import modelcard, tokenizers
-    from dalle_data.generate import encode_prompts, generate_images, save_grid
+    """samples.png, the optional quality figure of ``evaluate``, and README.md beside ``final``."""
+    from dalle_data.formats import tokenizers
+    from dalle_data.model import model_card as modelcard
+    from dalle_data.model.generate import encode_prompts, generate_images, save_grid
 
     step = record["history"][-1]
     tokenizer = tokenizers.load(step["tokenizer"]["spec"])
@@ -485,15 +439,7 @@ def finish_outputs(
         images = generate_images(dalle, text, num_images=args.samples_per_prompt, seed=args.seed)
         save_grid(images, final.parent / "samples.png", nrow=args.samples_per_prompt)
         samples = "samples.png"
-    quality = None
-    if args.evaluate_colours:
-        from dalle_data.evaluate import colour_accuracy
-        from dalle_data.sources.sample import COLOURS
-
-        quality = colour_accuracy(
-            dalle, tokenizer, dict(COLOURS), seed=args.seed, grid=final.parent / "colours.png"
-        )
-        write_json(final.parent / "quality.json", quality)
+    quality = evaluate(dalle, tokenizer, final.parent) if evaluate else None
     modelcard.write_card(
         final.parent / "README.md",
         name=record["name"],

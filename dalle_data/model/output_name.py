@@ -10,11 +10,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from dalle_data import lineage as lin
-
-
-class TrainError(ValueError):
-    """An input that cannot be trained on; the message names it and says what to do."""
+from dalle_data.errors import TrainError
+from dalle_data.model import lineage as lin
 
 
 def parent_history(
@@ -25,7 +22,7 @@ def parent_history(
     The lineage is, in order of precedence: ``--parent-lineage``, the checkpoint's own
     ``lineage`` key (written by dalle-data), the lineage part of the file name.
     """
-    from dalle_data.checkpoint import lineage_segments
+    from dalle_data.model.checkpoint import lineage_segments
 
     lineage = ckpt.get("lineage")
     recorded = lineage if isinstance(lineage, dict) else {}
@@ -50,7 +47,7 @@ def parent_history(
 
 
 def family_of(vae_class_name: str) -> str:
-    from dalle_data.checkpoint import family
+    from dalle_data.model.checkpoint import family
 
     return family(vae_class_name)
 
@@ -70,7 +67,7 @@ def planned_output(
     A parent that does not exist yet must be ``<anything>/<preset>.pt``, the output of
     ``dalle-data init`` for ``<presets_dir>/<preset>.yaml``, whose hparams the preset gives.
     """
-    from dalle_data import presets
+    from dalle_data.model import init as presets
 
     if max_steps is not None:
         raise TrainError(
@@ -80,7 +77,7 @@ def planned_output(
         )
     parent = Path(parent)
     if parent.is_file():
-        from dalle_data import checkpoint as ckpt_io
+        from dalle_data.model import checkpoint as ckpt_io
 
         ckpt = ckpt_io.load_checkpoint(parent)
         segments, _, _ = parent_history(ckpt, parent, parent_lineage)

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from dalle_data.sources import (
+from dalle_data.pipeline.sources import (
     Chunk,
     Options,
     SourceError,

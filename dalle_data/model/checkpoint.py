@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from dalle_data.atomic import atomic_path
-from dalle_data.lineage import (
+from dalle_data.errors import DalleDataError
+from dalle_data.model.lineage import (
     Architecture,
     LineageError,
     Segment,
@@ -56,7 +57,7 @@ _VQGAN_CACHE = Path("~/.cache/dalle").expanduser()
 _VQGAN_DEFAULTS = ("vqgan.1024.model.ckpt", "vqgan.1024.config.yml")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DalleDataError):
     """A checkpoint (or VQGAN file) that dalle-data cannot load, rebuild or save, and why."""
 
 

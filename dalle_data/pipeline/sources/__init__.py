@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dalle_data.errors import DalleDataError
+
 SCHEMA = pa.schema(
     [
         pa.field("row_id", pa.int64(), nullable=False),
@@ -64,7 +66,7 @@ WORKERS = 2
 ROW_ID_STRIDE = 10**9
 
 
-class SourceError(ValueError):
+class SourceError(DalleDataError):
     """A source file that cannot be read at all; the message names the file and the fix."""
 
 
@@ -104,7 +106,7 @@ def adapter(fmt: str) -> Adapter:
     """The reader for a ``format`` config value (its module is imported on demand)."""
     if fmt not in FORMATS:
         raise SourceError(f"unknown source format {fmt!r}: use one of {list(FORMATS)}")
-    module = importlib.import_module(f"dalle_data.sources.{fmt}")
+    module = importlib.import_module(f"dalle_data.pipeline.sources.{fmt}")
     read: Adapter = module.read
     return read
 

@@ -19,8 +19,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dalle_data.atomic import atomic_open, atomic_path
-from dalle_data.manifest import read_manifest
-from dalle_data.shards import INDEX, read_shard
+from dalle_data.formats.manifest import read_manifest
+from dalle_data.formats.webdataset import read_shard
+from dalle_data.pipeline.finalize import INDEX
 
 CARD = "README.md"
 CONTACT_SHEET = "contact_sheet.png"

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dalle_data.sources import (
+from dalle_data.pipeline.sources import (
     Chunk,
     Lines,
     Options,

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from dalle_data.atomic import atomic_path, write_json
 from dalle_data.compat import for_img2dataset
+from dalle_data.errors import DalleDataError
 
 # Pillow refuses images above 2 x 89,478,485 px and warns above 89,478,485 (its
 # MAX_IMAGE_PIXELS); img2dataset decodes with OpenCV, whose own limit (2**30 px) would let a
@@ -51,7 +52,7 @@ MAX_SAMPLES_PER_SHARD = 10_000
 WEB_SCHEMES = ("http://", "https://")
 
 
-class DownloadError(ValueError):
+class DownloadError(DalleDataError):
     """A download input or outcome a user must act on; the message names it and the fix."""
 
 

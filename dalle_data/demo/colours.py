@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dalle_data.checkpoint import model_int
-from dalle_data.generate import encode_prompts, generate_images, save_grid
+from dalle_data.model.checkpoint import model_int
+from dalle_data.model.generate import encode_prompts, generate_images, save_grid
 
 PROMPT = "a {colour} circle"
 BORDER = 3
@@ -92,3 +92,14 @@ def colour_accuracy(
         "seed": seed,
         **({"grid": Path(grid).name} if grid is not None else {}),
     }
+
+
+def colour_quality(dalle: Any, tokenizer: Any, folder: Path, *, seed: int = 0) -> dict[str, Any]:
+    """train-extend's quality hook for the demo: colour accuracy, its grid and quality.json."""
+    from dalle_data.atomic import write_json
+    from dalle_data.pipeline.sources.sample import COLOURS
+
+    grid = folder / "colours.png"
+    quality = colour_accuracy(dalle, tokenizer, dict(COLOURS), seed=seed, grid=grid)
+    write_json(folder / "quality.json", quality)
+    return quality

@@ -21,13 +21,14 @@ from typing import Any
 from tqdm import tqdm
 
 from dalle_data import atomic
+from dalle_data.errors import DalleDataError
 from dalle_data.hashing import sha256_file
 
 CHUNK = 1 << 20
 USER_AGENT = "dalle-data (+https://github.com/rom1504/img2dataset)"
 
 
-class FetchError(ValueError):
+class FetchError(DalleDataError):
     """A source that cannot be fetched; the message names it and the fix."""
 
 

@@ -38,8 +38,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from dalle_data import atomic
+from dalle_data.errors import DalleDataError
 from dalle_data.hashing import sha256_bytes, sha256_file
-from dalle_data.sources import (
+from dalle_data.pipeline.sources import (
     DROPPED_PARQUET,
     DROPPED_SCHEMA,
     ROWS_PARQUET,
@@ -53,7 +54,7 @@ _FTFY = ftfy.TextFixerConfig(unescape_html=False)
 _MASK64 = (1 << 64) - 1
 
 
-class FilterError(ValueError):
+class FilterError(DalleDataError):
     """Bad filter input or options; the message names the file or value and the fix."""
 
 

@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from dalle_data import lineage as lin
-from dalle_data.manifest import read_manifest
+from dalle_data.errors import DalleDataError
+from dalle_data.formats.manifest import read_manifest
+from dalle_data.model import lineage as lin
 
 if TYPE_CHECKING:
     import torch
 
-    from dalle_data.loader import ShardRef
+    from dalle_data.model.loader import ShardRef
 
 VAE_CLASSES = ("DiscreteVAE", "VQGanVAE")
 DALLE_KEYS = {
@@ -38,7 +39,7 @@ DALLE_DEFAULTS = {
 }  # fmt: skip
 
 
-class PresetError(ValueError):
+class PresetError(DalleDataError):
     """A preset file or init option the user must fix."""
 
 
@@ -81,13 +82,13 @@ def preset_name(preset_path: Path, num_text_tokens: int = 1) -> str:
 
 def preset_family(preset_path: Path) -> str:
     """taming or custom, from the preset's VAE class."""
-    from dalle_data.checkpoint import family
+    from dalle_data.model.checkpoint import family
 
     return family(load_preset(preset_path)["vae"]["class"])
 
 
 def _shard_refs(dirs: Sequence[Path]) -> tuple[tuple[ShardRef, ...], dict[str, Any], int]:
-    from dalle_data.loader import ShardRef
+    from dalle_data.model.loader import ShardRef
 
     refs: list[ShardRef] = []
     tokenizer: dict[str, Any] = {}
@@ -114,9 +115,9 @@ def train_discrete_vae(
     import torch
     from tqdm import tqdm
 
-    from dalle_data.checkpoint import model_int
-    from dalle_data.loader import LoaderSpec, batches, steps_per_epoch
-    from dalle_data.train import limit_cpu_threads
+    from dalle_data.model.checkpoint import model_int
+    from dalle_data.model.distributed import limit_cpu_threads
+    from dalle_data.model.loader import LoaderSpec, batches, steps_per_epoch
 
     limit_cpu_threads()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,9 +170,9 @@ def init_parent(
     """Write a fresh DALLE checkpoint for ``preset_path`` to ``output``."""
     import torch
 
-    from dalle_data import tokenizers
-    from dalle_data.checkpoint import build_vae, family, model_int, save_checkpoint
     from dalle_data.compat import import_dalle_pytorch
+    from dalle_data.formats import tokenizers
+    from dalle_data.model.checkpoint import build_vae, family, model_int, save_checkpoint
 
     preset = load_preset(preset_path)
     refs, recorded, image_size = _shard_refs(shards) if shards else ((), {}, 0)

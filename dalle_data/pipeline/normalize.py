@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dalle_data import atomic
 from dalle_data.hashing import sha256_bytes
-from dalle_data.sources import (
+from dalle_data.pipeline.sources import (
     DROPPED_PARQUET,
     DROPPED_SCHEMA,
     ROWS_PARQUET,

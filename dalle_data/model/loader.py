@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dalle_data.shards import SampleLayout, sample_layouts
+from dalle_data.errors import DalleDataError
+from dalle_data.formats.webdataset import SampleLayout, sample_layouts
 
 # Whole shards go to consumers when they divide evenly, or when there are this many per
 # consumer (the uneven remainder then costs at most a small share of the epoch).
@@ -49,7 +50,7 @@ _TOKENS_HEADER = re.compile(
 )
 
 
-class LoaderError(ValueError):
+class LoaderError(DalleDataError):
     """A shard that cannot be read, or a dataset too small for the requested batches."""
 
 

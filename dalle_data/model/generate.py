@@ -9,13 +9,14 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from dalle_data import tokenizers
 from dalle_data.atomic import atomic_path
-from dalle_data.checkpoint import model_int
-from dalle_data.loader import pad_tokens
+from dalle_data.errors import DalleDataError
+from dalle_data.formats import tokenizers
+from dalle_data.model.checkpoint import model_int
+from dalle_data.model.loader import pad_tokens
 
 
-class GenerateError(ValueError):
+class GenerateError(DalleDataError):
     """A prompt, tokenizer or output the user must fix."""
 
 
@@ -122,7 +123,7 @@ def generate_grid(
     vqgan_config_path: Path | None = None,
 ) -> Path:
     """Load ``checkpoint`` and write a grid: one row of ``num_images`` per prompt."""
-    from dalle_data import checkpoint as ckpt_io
+    from dalle_data.model import checkpoint as ckpt_io
 
     if num_images < 1:
         raise GenerateError(f"--num-images must be at least 1, got {num_images}")

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
+from dalle_data.errors import DalleDataError
+
 FAMILIES = ("taming", "openai", "custom")
 """Folder names of the DALLE-models collection, one per VAE kind."""
 
@@ -48,7 +50,7 @@ _MAX_EPOCHS = Decimal(10) ** 9
 _HPARAM_DEFAULTS = {"heads": 8, "dim_head": 64, "text_seq_len": 256}
 
 
-class LineageError(ValueError):
+class LineageError(DalleDataError):
     """A model name, lineage or epoch count that does not follow the grammar."""
 
 
