@@ -68,15 +68,22 @@ def test_a_large_object_goes_up_in_one_completed_multipart_upload(s3, bucket: st
     assert locations.sha256(f"{bucket}/big.bin") == hashlib.sha256(big).hexdigest()
 
 
-def test_put_tree_sends_the_marker_files_last(bucket: str, tmp_path: Path, s3) -> None:
+def test_put_tree_sends_the_marker_files_last(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for rel in ("m/m.pt", "m/lineage.json", "m/README.md", "m/a/b.txt"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(rel)
+    sent: list[str] = []
+    real_upload = locations.upload
+
+    def upload(local: Path, location: locations.Location) -> None:
+        real_upload(local, location)
+        sent.append(str(location).removeprefix(f"{bucket}/out/"))
+
+    monkeypatch.setattr(locations, "upload", upload)
     locations.put_tree(tmp_path, f"{bucket}/out", last=("m/m.pt", "m/lineage.json"))
-    name = bucket.removeprefix("s3://")
-    listed = s3.client().list_objects_v2(Bucket=name)["Contents"]
-    order = [o["Key"] for o in sorted(listed, key=lambda o: o["LastModified"])]
-    assert order[-1] == "out/m/lineage.json"
+    assert sent == ["m/README.md", "m/a/b.txt", "m/m.pt", "m/lineage.json"]
     assert locations.read_bytes(f"{bucket}/out/m/a/b.txt") == b"m/a/b.txt"
 
 
