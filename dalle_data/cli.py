@@ -10,6 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from dalle_data.errors import DalleDataError
+from dalle_data.model.shard_cache import DEFAULT_SIZE
 
 
 class _Commands(TyperGroup):
@@ -274,16 +275,29 @@ VqganModel = Annotated[
     Path | None, typer.Option(help="VQGAN model .ckpt (taming parents; default ~/.cache/dalle)")
 ]
 VqganConfig = Annotated[Path | None, typer.Option(help="VQGAN config .yml beside the model")]
+CacheDir = Annotated[
+    Path | None,
+    typer.Option(help="local cache for remote shards (default ~/.cache/dalle-data/shards)"),
+]
+CacheSize = Annotated[
+    str, typer.Option(help="most bytes the cache keeps, e.g. 50GB (least recently used go)")
+]
 
 
 @app.command("train-extend")
 def train_extend_cmd(
     parent: Annotated[Path, typer.Argument(help="the checkpoint to continue (.pt)")],
     shards: Annotated[
-        list[Path], typer.Option(help="a shards folder with manifest.json (repeatable)")
+        list[str],
+        typer.Option(
+            help="a shards folder with manifest.json, or its s3://, gs://, hf:// or http(s):// "
+            "URL (repeatable)"
+        ),
     ],
     epochs: Annotated[str, typer.Option(help="epochs to train (may be fractional)")],
-    output_dir: Annotated[Path, typer.Option(help="writes <dir>/<family>/<name>/<name>.pt")],
+    output_dir: Annotated[
+        str, typer.Option(help="writes <dir>/<family>/<name>/<name>.pt (a folder or a bucket URL)")
+    ],
     batch_size: Annotated[int, typer.Option(help="global batch size (split across ranks)")] = 16,
     learning_rate: Annotated[float, typer.Option(help="Adam learning rate")] = 3e-4,
     clip_grad_norm: Annotated[float, typer.Option(help="gradient norm clip")] = 0.5,
@@ -308,10 +322,18 @@ def train_extend_cmd(
     evaluate_colours: Annotated[
         bool, typer.Option(help="measure colour accuracy on the sample's palette, into the card")
     ] = False,
+    cache_dir: CacheDir = None,
+    cache_size: CacheSize = DEFAULT_SIZE,
 ) -> None:
-    """Continue PARENT on shards; write the lineage-named checkpoint, lineage.json and card."""
+    """Continue PARENT on shards; write the lineage-named checkpoint, lineage.json and card.
+
+    Remote shards stream through a local cache (fetched whole, sha256-checked, prefetched,
+    least recently used evicted); a bucket --output-dir gets the results when they are done.
+    """
     from decimal import Decimal, InvalidOperation
 
+    from dalle_data import locations
+    from dalle_data.model.shard_cache import parse_size
     from dalle_data.model.train import DEFAULT_PROMPTS, TrainArgs, train_extend
 
     try:
@@ -320,9 +342,9 @@ def train_extend_cmd(
         fail(f"--epochs {epochs!r} is not a number: pass e.g. 1 or 0.5")
     args = TrainArgs(
         parent=parent,
-        shards=tuple(shards),
+        shards=tuple(locations.normalize(s) for s in shards),
         epochs=epochs_value,
-        output_dir=output_dir,
+        output_dir=locations.normalize(output_dir),
         batch_size=batch_size,
         learning_rate=learning_rate,
         clip_grad_norm=clip_grad_norm,
@@ -335,6 +357,8 @@ def train_extend_cmd(
         parent_lineage=parent_lineage,
         skip_corrupt=skip_corrupt,
         prompts=tuple(prompt) if prompt else DEFAULT_PROMPTS,
+        cache_dir=cache_dir,
+        cache_size=parse_size(cache_size),
     )
     evaluate = None
     if evaluate_colours:

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 from dalle_data.atomic import atomic_path
 from dalle_data.errors import DalleDataError
+from dalle_data.hashing import sha256_stream
 
 Location = str | os.PathLike[str]
 # fsspec protocol of each scheme dalle-data accepts; http(s) is read-only.
@@ -219,17 +220,18 @@ def sizes(folder: Location) -> dict[str, int]:
 
 def sha256(location: Location) -> str:
     """Hex sha256 of a file, streamed in 1 MiB chunks (no local copy of a remote object)."""
-    digest = hashlib.sha256()
     with open_read(location) as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_stream(fh)
 
 
 def download(location: Location, dest: Path) -> str:
     """Copy ``location`` whole to the local file ``dest`` (atomically); return its sha256."""
     digest = hashlib.sha256()
-    with open_read(location) as src, atomic_path(dest, durable=False) as tmp, open(tmp, "wb") as out:
+    with (
+        open_read(location) as src,
+        atomic_path(dest, durable=False) as tmp,
+        open(tmp, "wb") as out,
+    ):
         while chunk := src.read(_CHUNK):
             digest.update(chunk)
             out.write(chunk)
