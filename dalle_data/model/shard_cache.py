@@ -104,6 +104,7 @@ class ShardFetcher:
         self.stats = CacheStats()
         self._futures: dict[int, Future[Path | None]] = {}
         self._lock = threading.Lock()
+        self._incoming = 0  # bytes of downloads under way (not yet in a listing)
         self._pool = ThreadPoolExecutor(max(1, spec.prefetch), thread_name_prefix="shard-fetch")
         largest = max((s.bytes for s in shards.values()), default=0)
         if spec.max_bytes < (spec.prefetch + 2) * largest:
@@ -146,18 +147,21 @@ class ShardFetcher:
         incoming = self.spec.directory / INCOMING / f"{ref.sha256}.{os.getpid()}.tar"
         try:
             digest = locations.download(ref.location, incoming)
+            if digest != ref.sha256:
+                incoming.unlink(missing_ok=True)
+                self._refuse(
+                    ref,
+                    f"arrived with sha256 {digest}, the manifest says {ref.sha256} (the object "
+                    "is corrupt or was replaced)",
+                )
+                return None
+            os.replace(incoming, target)
         except (OSError, locations.LocationError) as err:
             self._refuse(ref, f"could not be fetched ({err})")
             return None
-        if digest != ref.sha256:
-            incoming.unlink(missing_ok=True)
-            self._refuse(
-                ref,
-                f"arrived with sha256 {digest}, the manifest says {ref.sha256} (the object "
-                "is corrupt or was replaced)",
-            )
-            return None
-        os.replace(incoming, target)
+        finally:
+            with self._lock:
+                self._incoming -= ref.bytes
         with self._lock:
             self.stats.fetched += 1
             self.stats.fetched_bytes += ref.bytes
@@ -174,8 +178,10 @@ class ShardFetcher:
             self.stats.corrupt.append(ref.location)
 
     def _make_room(self, need: int) -> None:
-        """Delete least recently used shards until ``need`` more bytes fit under the limit."""
+        """Delete least recently used shards until ``need`` more bytes, and those of the
+        downloads under way, fit under the limit; then count ``need`` as under way."""
         with self._lock:
+            self._incoming += need
             keep = {f"{self.shards[s].sha256}.tar" for s in self._futures}
             files = []
             for path in self.spec.directory.glob("*.tar"):
@@ -186,7 +192,7 @@ class ShardFetcher:
                 files.append((st.st_mtime_ns, st.st_size, path))
             total = sum(size for _, size, _ in files)
             for _, size, path in sorted(files):
-                if total + need <= self.spec.max_bytes:
+                if total + self._incoming <= self.spec.max_bytes:
                     break
                 if path.name in keep:
                     continue
