@@ -123,7 +123,7 @@ def filter_cmd(
     workers: Annotated[int, typer.Option(help="caption cleaning processes (0 = all cores)")] = 0,
 ) -> None:
     """Subset, URL, caption and duplicate filters: filtered.parquet, dropped.parquet."""
-    from dalle_data.pipeline.filters import FilterOptions, run
+    from dalle_data.pipeline.filter_stage import FilterOptions, run
 
     options = FilterOptions(
         fraction=fraction,
