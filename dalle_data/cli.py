@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
+from typer import _click
 from typer.core import TyperGroup
 
 from dalle_data.config import schema_default
@@ -16,7 +16,7 @@ from dalle_data.errors import DalleDataError
 class _Commands(TyperGroup):
     """Turns every dalle-data error a command raises into one red line and exit code 1."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: _click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except DalleDataError as err:

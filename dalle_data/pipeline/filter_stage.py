@@ -83,6 +83,7 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
     ]
     if any(w.strip() for w in options.blocklist):
         caption_units.append(BlocklistFilter(list(options.blocklist)))
+    codes = np.zeros(0, dtype=np.uint8)
     duplicates = DuplicateUrlFilter(lambda pos: _take_urls(source, np.flatnonzero(codes == 0)[pos]))
     codes = _url_pass(source, url_units, duplicates)
 
