@@ -95,4 +95,9 @@ def planned_output(
         segments = lin.parse_lineage(parent_lineage or "")
         family = presets.preset_family(preset)
     name = lin.model_name(arch, lin.extend(segments, dataset, Decimal(str(epochs))))
-    return Path(output_dir) / family / name / f"{name}.pt"
+    return checkpoint_path(Path(output_dir), family, name)
+
+
+def checkpoint_path(output_dir: Path, family: str, name: str) -> Path:
+    """Where a checkpoint of ``name`` goes: ``<output_dir>/<family>/<name>/<name>.pt``."""
+    return output_dir / family / name / f"{name}.pt"
