@@ -286,6 +286,25 @@ def verify_cmd(
     typer.echo(f"ok: {report['shards']} shards, {report['samples']} samples")
 
 
+@app.command("put")
+def put_cmd(
+    source: Annotated[Path, typer.Argument(help="a local file or folder")],
+    dest: Annotated[
+        str, typer.Argument(help="where it goes: a folder or an s3://, gs://, hf:// URL")
+    ],
+) -> None:
+    """Copy a file or a folder's files to DEST, each appearing complete or not at all.
+
+    A bucket gets one PUT (or a completed multipart upload) per file; a local DEST gets hard
+    links where possible. The pipeline uses it to stage a shards folder for Snakemake's
+    storage plugin.
+    """
+    from dalle_data import locations
+
+    locations.put(source, dest)
+    typer.echo(f"{source} -> {dest}")
+
+
 @app.command("card")
 def card_cmd(
     shards_dir: Annotated[Path, typer.Argument(help="a shards folder with manifest.json")],

@@ -277,7 +277,8 @@ def write_json(location: Location, obj: Any) -> None:
 
 
 def put_tree(local_dir: Path, location: Location, *, last: tuple[str, ...] = ()) -> None:
-    """Upload (or, locally, copy atomically) every file below ``local_dir`` to ``location``.
+    """Upload (or, locally, hard-link or copy atomically) every file below ``local_dir`` to
+    ``location``.
 
     Files named in ``last`` go last, in that order: readers that take them as the sign of a
     finished folder (a checkpoint, its ``lineage.json``) never see it before the rest.
@@ -288,10 +289,34 @@ def put_tree(local_dir: Path, location: Location, *, last: tuple[str, ...] = ())
     for path in files:
         target = join(location, *path.relative_to(local_dir).parts)
         if isinstance(target, Path):
-            with atomic_path(target) as tmp:
-                shutil.copyfile(path, tmp)
+            _link_or_copy(path, target)
         else:
             upload(path, target)
+
+
+def put(source: Path, location: Location) -> None:
+    """A local file or folder to ``location``: :func:`put_tree` for a folder, else the file
+    uploaded once (or, locally, hard-linked or copied atomically)."""
+    if source.is_dir():
+        put_tree(source, location)
+        return
+    target = normalize(location)
+    if isinstance(target, Path):
+        _link_or_copy(source, target)
+    else:
+        upload(source, target)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` becomes ``source``'s content atomically: a hard link where the filesystem
+    allows (no second copy of multi-GB shards; every writer here replaces files, never
+    edits them in place), else a copy."""
+    with atomic_path(target, durable=False) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 def remove(location: Location) -> None:
