@@ -311,6 +311,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
     """``target`` becomes ``source``'s content atomically: a hard link where the filesystem
     allows (no second copy of multi-GB shards; every writer here replaces files, never
     edits them in place), else a copy."""
+    if target.exists() and os.path.samefile(source, target):
+        return  # linked already (and rename() of one link over another would do nothing)
     with atomic_path(target, durable=False) as tmp:
         tmp.unlink()
         try:

@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import shlex
+import shutil
 from pathlib import Path
 
 from dalle_data import config as ddconfig
@@ -21,6 +22,15 @@ DS = resolve(config)
 # (rule bucket_shards) and training streams them from there.
 OUT = ddconfig.local_output_dir(config)
 BUCKET = ddconfig.bucket_output_dir(config)
+if BUCKET and workflow.is_main_process and not any(Path(".snakemake/locks").glob("*")):
+    # Snakemake keeps its local copy of a folder it sends to storage. Left over from a run
+    # killed mid-upload, that copy makes the rerun fail (Snakemake 9.27 caches it as present,
+    # removes it as an incomplete output, then finds it "write-protected"). It only holds
+    # hard links to work_dir's shards: drop it before the DAG is built (never while another
+    # Snakemake holds this folder's lock).
+    _copy = workflow.storage_settings.local_storage_prefix / BUCKET.replace("://", "/", 1)
+    for _stale in _copy.glob("*/shards"):
+        shutil.rmtree(_stale)
 if config["storage_options"]:
     # Non-secret fsspec options for every `dalle-data` command (dalle_data/locations.py).
     os.environ[locations.OPTIONS_ENV] = json.dumps(config["storage_options"])
