@@ -24,6 +24,7 @@ its arguments and state as data. :func:`load` reports which globals were replace
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import collections
 import io
@@ -31,6 +32,7 @@ import pathlib
 import pickle
 import struct
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from typing import IO, Any, ClassVar
 
 import torch
 
-from dalle_data.errors import CheckpointError
+from dalle_data.errors import CheckpointError, DalleDataWarning
 
 # torch.serialization's legacy header: a pickled magic number and protocol version.
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -147,7 +149,9 @@ def load(path: str | Path, *, what: str) -> Loaded:
             "memory (a corrupt file?)"
         ) from None
     except RecursionError:
-        raise CheckpointError(f"{what} {path} is not a readable torch file: nested too deeply")
+        raise CheckpointError(
+            f"{what} {path} is not a readable torch file: nested too deeply"
+        ) from None
     except Exception as err:  # noqa: BLE001 (untrusted bytes: any failure is a bad file)
         # The C unpickler and torch raise many types on malformed input (UnpicklingError,
         # EOFError, KeyError, TypeError, RuntimeError, struct.error...): all mean "bad file".
@@ -155,7 +159,16 @@ def load(path: str | Path, *, what: str) -> Loaded:
         raise CheckpointError(
             f"{what} {path} is not a readable torch file: {type(err).__name__}: {reason:.300}"
         ) from None
-    return Loaded(obj, tuple(sorted(reader.placeholders)))
+    replaced = tuple(sorted(reader.placeholders))
+    if replaced:
+        warnings.warn(
+            DalleDataWarning(
+                f"{what} {path} names {len(replaced)} classes or functions that were not "
+                f"loaded (kept as inert data, none of their code ran): {', '.join(replaced)}"
+            ),
+            stacklevel=2,
+        )
+    return Loaded(obj, replaced)
 
 
 class _Malformed(Exception):
@@ -222,6 +235,11 @@ class _Reader:
 
     def find_class(self, module: str, name: str) -> Any:
         """Only ``_ALLOWED``, torch storage types and torch dtypes; a placeholder otherwise."""
+        # Protocol-2 pickles spell Python 3 names the Python 2 way (subprocess.Popen is
+        # commands.Popen): map them back as pickle itself does, for the allowlist and report.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         module = _MODULE_ALIASES.get(module, module)
         found = _ALLOWED.get(f"{module}.{name}")
         if found is not None:
@@ -285,7 +303,9 @@ class _Reader:
         return self.unpickler(io.BytesIO(data_pkl), persistent).load()
 
     def read_legacy(self, path: Path) -> Any:
-        with path.open("rb") as f:
+        # In memory: a corrupt length in the pickle then reads what is there, instead of
+        # asking the file object for gigabytes. Legacy files are small (torch < 1.6).
+        with io.BytesIO(path.read_bytes()) as f:
             header = self.unpickler(f, _no_persistent)
             if header.load() != _LEGACY_MAGIC:
                 raise _Malformed("it is a pickle without torch's magic number, not torch.save's")
@@ -418,7 +438,11 @@ def _pure_path(cls: type[pathlib.PurePath]) -> Callable[..., pathlib.PurePath]:
 
 
 _REBUILDS = frozenset({_tensor, _parameter})
-_MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg", "torch.tensor": "torch._tensor"}
+_MODULE_ALIASES = {
+    "__builtin__": "builtins",
+    "copy_reg": "copyreg",
+    "torch.tensor": "torch._tensor",
+}
 _ALLOWED: dict[str, Any] = {
     "torch._utils._rebuild_tensor": _tensor,
     "torch._utils._rebuild_tensor_v2": _tensor,
@@ -439,7 +463,9 @@ _ALLOWED: dict[str, Any] = {
     # Inert value classes that Lightning's hyper_parameters hold: attributes, paths.
     "argparse.Namespace": argparse.Namespace,
     **{
-        f"pathlib.{name}": _pure_path(pathlib.PureWindowsPath if "Windows" in name else pathlib.PurePosixPath)
+        f"pathlib.{name}": _pure_path(
+            pathlib.PureWindowsPath if "Windows" in name else pathlib.PurePosixPath
+        )
         for name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")
     },
 }
