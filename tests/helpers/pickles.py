@@ -122,22 +122,29 @@ def write_lightning_vqgan(
 
 
 def write_early_2021_dalle(
-    path: Path, dalle: Any, vae_qualname: str, vae_params: Any, *, extra: Any = None
+    path: Path,
+    dalle: Any,
+    vae_qualname: str,
+    vae_params: Any,
+    *,
+    hparams: dict[str, Any] | None = None,
+    extra: Any = None,
 ) -> None:
     """train_dalle.py of early 2021: the VAE module itself inside ``hparams``.
 
     ``dalle`` must be built without token shift and rotary embeddings (as 2021 models
     were). The VAE is pickled as an instance of a stand-in class named ``vae_qualname``
     (``dalle_pytorch.vae.VQGanVAE1024`` is a class DALLE-pytorch no longer has) holding the
-    real module's state, so the file holds what those files hold; ``extra`` goes in hparams.
+    real module's state, so the file holds what those files hold. ``hparams`` default to the
+    tiny 2021 ones; ``extra`` goes in them too.
     """
     from tests.helpers.models import legacy_hparams, legacy_weights
 
     with stand_in(vae_qualname) as vae_cls:
         vae = vae_cls.__new__(vae_cls)
         vae.__dict__.update(dalle.vae.__dict__)
-        hparams = {"vae": vae, **legacy_hparams()}
+        saved = {"vae": vae, **(legacy_hparams() if hparams is None else hparams)}
         if extra is not None:
-            hparams["extra"] = extra
+            saved["extra"] = extra
         weights = legacy_weights(dalle)
-        torch.save({"hparams": hparams, "vae_params": vae_params, "weights": weights}, path)
+        torch.save({"hparams": saved, "vae_params": vae_params, "weights": weights}, path)
