@@ -157,7 +157,7 @@ def main() -> None:
         f"SQLite/TSV wall-time ratio: {sql['wall'] / text['wall']:.2f}. Extrapolated to the "
         f"real table ({FULL_ROWS:,} rows, ~{FULL_BYTES / 1e9:.0f} GB) at this rate: "
         f"~{full_hours:.1f} h on this machine; peak RSS does not grow with the table "
-        f"(batches of 50,000 rows).",
+        f"(batches of 50,000 rows). Load average at the end: {os.getloadavg()[0]:.1f}.",
     ]
     write_result("yfcc_sqlite", "\n".join(lines))
 

@@ -21,11 +21,18 @@ class _Commands(TyperGroup):
         with warnings.catch_warnings():
             show = warnings.showwarning
 
-            def one_line(message: Warning | str, category: type[Warning], *args: Any) -> None:
+            def one_line(
+                message: Warning | str,
+                category: type[Warning],
+                filename: str,
+                lineno: int,
+                file: Any = None,
+                line: str | None = None,
+            ) -> None:
                 if issubclass(category, DalleDataWarning):
                     typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
                 else:
-                    show(message, category, *args)
+                    show(message, category, filename, lineno, file, line)
 
             warnings.showwarning = one_line
             try:

@@ -28,6 +28,7 @@ import _compat_pickle
 import argparse
 import collections
 import io
+import os
 import pathlib
 import pickle
 import struct
@@ -107,7 +108,7 @@ class Loaded:
     replaced: tuple[str, ...]
 
 
-def load(path: str | Path, *, what: str) -> Loaded:
+def load(path: str | os.PathLike[str], *, what: str) -> Loaded:
     """Read a ``torch.save`` file (zip or legacy format) without running any of its code.
 
     Every failure is a :class:`CheckpointError` that names ``what`` and ``path``: a missing,
@@ -355,7 +356,7 @@ class _Reader:
         return obj
 
 
-def _fill_legacy_storage(f: IO[bytes], storage: torch.storage.TypedStorage) -> None:
+def _fill_legacy_storage(f: io.BytesIO, storage: torch.storage.TypedStorage) -> None:
     """Read one storage as torch writes it: int64 element count, then the raw bytes."""
     count = f.read(8)
     if len(count) != 8:

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dalle_data.errors import CheckpointError
 from dalle_data.model import safe_pickle
@@ -129,7 +129,7 @@ def load_config(path: str | os.PathLike[str]) -> DictConfig:
                 f"VQGAN config {path}: {where} names {value!r}; dalle-data builds only "
                 f"{', '.join(sorted(_TARGETS))} (a config's targets are code it would import)"
             )
-    return config
+    return cast("DictConfig", config)
 
 
 def describe(path: str | os.PathLike[str], loaded: Any = None) -> dict[str, Any]:
