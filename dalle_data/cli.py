@@ -308,6 +308,13 @@ def train_extend_cmd(
     evaluate_colours: Annotated[
         bool, typer.Option(help="measure colour accuracy on the sample's palette, into the card")
     ] = False,
+    held_out: Annotated[
+        bool,
+        typer.Option(
+            "--eval/--no-eval",
+            help="score parent and output on the dataset's eval split (<dataset>/eval) if any",
+        ),
+    ] = True,
 ) -> None:
     """Continue PARENT on shards; write the lineage-named checkpoint, lineage.json and card."""
     from decimal import Decimal, InvalidOperation
@@ -335,6 +342,7 @@ def train_extend_cmd(
         parent_lineage=parent_lineage,
         skip_corrupt=skip_corrupt,
         prompts=tuple(prompt) if prompt else DEFAULT_PROMPTS,
+        held_out=held_out,
     )
     evaluate = None
     if evaluate_colours:
@@ -412,6 +420,59 @@ def init_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="the checkpoint to score (.pt)")],
+    shards: Annotated[
+        Path, typer.Option(help="a held-out shard folder with manifest.json (<dataset>/eval)")
+    ],
+    batch_size: Annotated[
+        int, typer.Option(help="samples per forward pass (the scores do not depend on it)")
+    ] = 16,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda:N")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
+    vqgan_model_path: VqganModel = None,
+    vqgan_config_path: VqganConfig = None,
+    clip_model: Annotated[
+        str | None,
+        typer.Option(help="also a CLIP score: an open_clip model name or config JSON"),
+    ] = None,
+    clip_weights: Annotated[
+        Path | None,
+        typer.Option(help="that CLIP model's weights, a local .safetensors or .pt state dict"),
+    ] = None,
+    clip_captions: Annotated[
+        int, typer.Option(help="eval captions to generate an image for (CLIP score)")
+    ] = 16,
+    seed: Annotated[int, typer.Option(help="sampling seed of the CLIP score's images")] = 0,
+) -> None:
+    """Held-out text/image cross-entropy, loss and bits per image token; stored in eval.json."""
+    import json
+
+    from dalle_data.model.evaluate import evaluate_checkpoint, format_record
+
+    if (clip_model is None) != (clip_weights is None):
+        fail("pass --clip-model and --clip-weights together (weights are never downloaded)")
+    clip = None
+    if clip_model is not None:
+        clip = {
+            "model": clip_model,
+            "weights": clip_weights,
+            "captions": clip_captions,
+            "seed": seed,
+        }
+    record = evaluate_checkpoint(
+        checkpoint,
+        shards,
+        batch_size=batch_size,
+        device=device,
+        vqgan_model_path=vqgan_model_path,
+        vqgan_config_path=vqgan_config_path,
+        clip=clip,
+    )
+    typer.echo(json.dumps(record, indent=2, sort_keys=True) if as_json else format_record(record))
+
+
+@app.command("evaluate-colours")
+def evaluate_colours_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="a checkpoint trained on the sample")],
     per_colour: Annotated[int, typer.Option(help="images per colour")] = 8,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,

@@ -32,7 +32,9 @@ from dalle_data.formats.manifest import (
     verify,
 )
 from dalle_data.hashing import sha256_bytes, sha256_file
+from dalle_data.model import evaluate as evaluation
 from dalle_data.model import lineage as lin
+from dalle_data.model.compatibility import check_compatible
 from dalle_data.model.distributed import Dist, limit_cpu_threads, setup_distributed
 from dalle_data.model.loader import Batch, LoaderSpec, ShardRef, batches, steps_per_epoch
 from dalle_data.model.output_name import family_of, parent_history
@@ -69,6 +71,7 @@ class TrainArgs:
     skip_corrupt: bool = False
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     samples_per_prompt: int = 4
+    held_out: bool = True
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,16 @@ def train_extend(args: TrainArgs, evaluate: Evaluation | None = None) -> Path:
     )
     hparams = ckpt["hparams"]
     data = load_shard_set(args.shards, skip_corrupt=args.skip_corrupt)
-    _check_compatible(parent_path, ckpt, data, dalle)
+    check_compatible(
+        parent_path,
+        ckpt,
+        tokenizer=data.tokenizer,
+        image_size=data.image_size,
+        vae_image_size=ckpt_io.model_int(dalle, "vae.image_size"),
+    )
+    held_out = (
+        evaluation.held_out_split(args.shards, parent_path, ckpt, dalle) if args.held_out else None
+    )
 
     spec = LoaderSpec(
         shards=data.shards,
@@ -225,6 +237,13 @@ def train_extend(args: TrainArgs, evaluate: Evaluation | None = None) -> Path:
     run_dir = Path(args.output_dir) / RUNS_DIR / rid
 
     dalle = dalle.to(dist.device)
+    parent_evals = []
+    if held_out is not None and dist.is_root:
+        parent_evals.append(
+            evaluation.score_parent(
+                dalle, parent_path, parent_sha, held_out, batch_size=args.batch_size
+            )
+        )
     params = [p for p in dalle.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=args.learning_rate)
     if ckpt.get("opt_state"):
@@ -331,6 +350,7 @@ def train_extend(args: TrainArgs, evaluate: Evaluation | None = None) -> Path:
         "lineage": lin.format_lineage(new_segments),
         "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
         "train_seconds": round(elapsed, 1),
+        "parent_evals": parent_evals,
     }
     record = {
         "name": name,
@@ -351,38 +371,16 @@ def train_extend(args: TrainArgs, evaluate: Evaluation | None = None) -> Path:
         tokenizer=data.tokenizer,
     )
     write_json(final.parent / "lineage.json", record)
-    finish_outputs(dalle, final, record, hparams, ckpt["vae_class_name"], args, evaluate)
+    evals = []
+    if held_out is not None:
+        scores = evaluation.score(dalle, held_out, batch_size=args.batch_size)
+        evals.append(evaluation.store_record(final, scores))
+    finish_outputs(dalle, final, record, hparams, ckpt["vae_class_name"], args, evaluate, evals)
     for leftover in run_dir.glob("step-*.pt"):
         leftover.unlink()
     with contextlib.suppress(OSError):
         run_dir.rmdir()
     return final
-
-
-def _check_compatible(path: Path, ckpt: dict[str, Any], data: ShardSet, dalle: Any) -> None:
-    """The checks between parent and shards that train_dalle.py would only fail on later."""
-    vocab = ckpt["hparams"].get("num_text_tokens")
-    shards_vocab = data.tokenizer.get("vocab_size")
-    if vocab != shards_vocab:
-        raise TrainError(
-            f"the shards were tokenized with {data.tokenizer.get('spec')!r} "
-            f"({shards_vocab} tokens) but parent {path} has num_text_tokens={vocab}: rebuild "
-            "the shards with the parent's tokenizer (config `tokenizer`) or pick a parent "
-            "built for this vocabulary"
-        )
-    recorded = (ckpt.get("tokenizer") or {}).get("fingerprint")
-    if recorded and recorded != data.tokenizer.get("fingerprint"):
-        raise TrainError(
-            f"the shards' tokenizer {data.tokenizer.get('spec')!r} has the parent's vocabulary "
-            f"size but not its token ids (fingerprint {data.tokenizer.get('fingerprint')} vs "
-            f"the parent's {recorded}): rebuild the shards with the tokenizer recorded in {path}"
-        )
-    if data.image_size < dalle.vae.image_size:
-        raise TrainError(
-            f"the shards hold {data.image_size}px images but the parent's VAE needs "
-            f"{dalle.vae.image_size}px: rebuild the shards with image_size >= "
-            f"{dalle.vae.image_size} (crops are only resized down)"
-        )
 
 
 def _already_done(final: Path, rid: str) -> bool:
@@ -425,8 +423,10 @@ def finish_outputs(
     vae_class_name: str,
     args: TrainArgs,
     evaluate: Evaluation | None,
+    evals: list[dict[str, Any]],
 ) -> None:
-    """samples.png, the optional quality figure of ``evaluate``, and README.md beside ``final``."""
+    """samples.png, the optional quality figure of ``evaluate``, and README.md beside ``final``
+    (with ``evals``, the held-out records of ``final``)."""
     from dalle_data.formats import tokenizers
     from dalle_data.model import model_card as modelcard
     from dalle_data.model.generate import encode_prompts, generate_images, save_grid
@@ -451,4 +451,5 @@ def finish_outputs(
         prompts=list(args.prompts),
         samples_file=samples,
         quality=quality,
+        evals=evals,
     )
