@@ -507,6 +507,42 @@ def evaluate_colours_cmd(
     typer.echo(json.dumps(result, indent=2))
 
 
+@app.command("collection")
+def collection_cmd(
+    root: Annotated[Path, typer.Argument(help="the collection folder (family folders inside)")],
+) -> None:
+    """Index a checkpoint collection: index.json, README.md front page, lineage.png, flags."""
+    from dalle_data.collection.index import FRONT_PAGE, write_index
+
+    index = write_index(root)
+    entries = index["checkpoints"]
+    for entry in entries:
+        for problem in entry["problems"]:
+            typer.echo(f"flag: {entry['path']}: {problem}")
+    for problem in index["problems"]:
+        typer.echo(f"flag: {problem}")
+    typer.echo(
+        f"{len(entries)} checkpoints, {len(index['eval_sets'])} eval sets; "
+        f"front page: {root / FRONT_PAGE}"
+    )
+
+
+@app.command("publish")
+def publish_cmd(
+    checkpoint_dir: Annotated[
+        Path, typer.Argument(help="a train-extend output folder, <output_dir>/<family>/<name>")
+    ],
+    root: Annotated[Path, typer.Argument(help="the collection folder")],
+) -> None:
+    """Copy a checkpoint folder into ROOT/<family>/<name>/ (verified, atomic) and re-index."""
+    from dalle_data.collection.index import FRONT_PAGE
+    from dalle_data.collection.publish import publish
+
+    result = publish(checkpoint_dir, root)
+    verb = "published" if result["published"] else "already published (same sha256)"
+    typer.echo(f"{verb}: {result['path']}; front page: {root / FRONT_PAGE}")
+
+
 def main() -> None:
     app()
 
