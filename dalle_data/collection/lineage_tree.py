@@ -2,8 +2,8 @@
 
 An arrow goes from a parent to each checkpoint continued from it (matched by content, not
 by name, so a renamed or mis-named parent still connects). Parents that are not in the
-collection appear dashed; boxes are coloured by family. Each box names the checkpoint,
-its epochs and its best held-out loss.
+collection appear dashed; boxes are coloured by family, with a red border when the index
+flags a problem. Each box names the checkpoint, its epochs and its best held-out loss.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ _COLOURS = {"taming": "#dbe9f6", "openai": "#f6e3db", "custom": "#e2f3dc"}
 def _label(entry: dict[str, Any]) -> str:
     arch, lineage = _split(entry["name"])
     lines = [arch, lineage] if lineage else [arch]
-    lines.append(f"{entry['family']} · {entry['epochs']} epochs")
+    lines.append(f"{entry['family']} · epochs {entry['epochs']}")
     if entry["evals"]:
         best = min(entry["evals"], key=lambda r: r["loss"])
         lines.append(f"held-out loss {best['loss']:.4f} ({best['dataset']})")
+    if entry["problems"]:
+        lines.append(f"{len(entry['problems'])} problem(s): see README")
     return "\n".join(lines)
 
 
@@ -43,7 +45,10 @@ def lineage_graph(index: dict[str, Any]) -> Any:
     for number, entry in enumerate(loaded):
         node = f"c{number}"
         by_sha.setdefault(entry["sha256"], []).append(node)
-        graph.node(node, _label(entry), fillcolor=_COLOURS.get(entry["family"], "#eeeeee"))
+        flagged = {"color": "#c0392b", "penwidth": "2"} if entry["problems"] else {}
+        graph.node(
+            node, _label(entry), fillcolor=_COLOURS.get(entry["family"], "#eeeeee"), **flagged
+        )
     missing: dict[str, str] = {}
     for number, entry in enumerate(loaded):
         parent = entry.get("parent")
