@@ -47,3 +47,20 @@ rule train:
         "dalle-data train-extend {input.parent} --shards {params.shards}"
         " --epochs {params.epochs} --output-dir {params.output_dir} {params.options}"
         " > {log} 2>&1"
+
+
+rule publish:
+    """Copy the trained checkpoint's folder into the collection and re-index it."""
+    input:
+        **trained_outputs(),
+    output:
+        **collection_outputs(),
+    params:
+        folder=subpath(input.checkpoint, parent=True),
+        root=subpath(output.index, parent=True),
+    log:
+        f"{OUT}/{TRAIN['dataset']}/logs/publish.log",
+    benchmark:
+        f"{OUT}/{TRAIN['dataset']}/benchmarks/publish.tsv"
+    shell:
+        "dalle-data publish {params.folder} {params.root} > {log} 2>&1"
