@@ -35,7 +35,7 @@ from dalle_data.hashing import sha256_bytes, sha256_file
 from dalle_data.model import lineage as lin
 from dalle_data.model.distributed import Dist, limit_cpu_threads, setup_distributed
 from dalle_data.model.loader import Batch, LoaderSpec, ShardRef, batches, steps_per_epoch
-from dalle_data.model.output_name import checkpoint_path, family_of, parent_history
+from dalle_data.model.output_name import checkpoint_path, parent_history
 
 DEFAULT_PROMPTS = (
     "An armchair in the shape of an avocado. An armchair imitating an avocado.",
@@ -272,7 +272,7 @@ def plan_run(args: TrainArgs, dist: Dist) -> Run:
     except lin.LineageError as err:
         raise TrainError(f"{err} ({total} of {per_epoch} steps per epoch)") from err
     name = lin.model_name(lin.Architecture.from_hparams(ckpt["hparams"]), new_segments)
-    family = family_of(ckpt["vae_class_name"])
+    family = ckpt_io.family(ckpt["vae_class_name"])
     parent_sha = sha256_file(parent_path)
     rid = run_id(args, parent_sha, data, dist.world_size)
     return Run(
