@@ -21,7 +21,7 @@ from dalle_data.collection.lineage_tree import lineage_graph
 from dalle_data.hashing import sha256_file
 from dalle_data.model.init import init_parent
 from dalle_data.model.train import TrainArgs, train_extend
-from tests.helpers.tiny import write_dataset, write_eval_split, write_preset, write_tokenizer
+from tests.helpers.tiny import write_dataset, write_preset, write_tokenizer
 
 ARCH = "1L_16HD_2H_32I_8T"
 
@@ -38,7 +38,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data = {}
     for dataset in ("cc12m", "wit"):
         data[dataset] = write_dataset(base, 16, 16, dataset=dataset, tokenizer=spec)
-        write_eval_split(base, 6, 8, dataset=dataset, tokenizer=spec)
+        write_dataset(base, 6, 8, dataset=dataset, tokenizer=spec, split="eval")
     preset = write_preset(base / "tiny.yaml")
     root = base / "collection"
     (root / "custom").mkdir(parents=True)

@@ -21,7 +21,7 @@ from dalle_data.model import checkpoint as ckpt_io
 from dalle_data.model import evaluate as ev
 from dalle_data.model.init import init_parent
 from dalle_data.model.train import TrainArgs, train_extend
-from tests.helpers.tiny import write_dataset, write_eval_split, write_preset, write_tokenizer
+from tests.helpers.tiny import write_dataset, write_preset, write_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("evaluate")
     spec = write_tokenizer(root / "tokenizer.json")
     shards = write_dataset(root, 32, 16, dataset="cc12m", tokenizer=spec)
-    eval_dir = write_eval_split(root, 21, 8, dataset="cc12m", tokenizer=spec)
+    eval_dir = write_dataset(root, 21, 8, dataset="cc12m", tokenizer=spec, split="eval")
     parent = init_parent(write_preset(root / "tiny.yaml"), root / "parent.pt", shards=[shards])
     return {"root": root, "shards": shards, "eval": eval_dir, "parent": parent, "spec": spec}
 
@@ -86,7 +86,9 @@ def test_scores_do_not_depend_on_batch_size_or_run(world: dict[str, Path], tmp_p
 
 def test_eval_sets_are_never_mixed(world: dict[str, Path], tmp_path: Path) -> None:
     ckpt = copy_parent(world, tmp_path / "models")
-    other = write_eval_split(tmp_path / "wit", 7, 8, dataset="wit", tokenizer=world["spec"])
+    other = write_dataset(
+        tmp_path / "wit", 7, 8, dataset="wit", tokenizer=world["spec"], split="eval"
+    )
     assert run("evaluate", ckpt, "--shards", world["eval"])[0] == 0
     assert run("evaluate", ckpt, "--shards", other)[0] == 0
     # a second checkpoint in the same folder (the seed's flat layout) keeps its own records
@@ -101,10 +103,12 @@ def test_eval_sets_are_never_mixed(world: dict[str, Path], tmp_path: Path) -> No
 def test_mismatched_or_unsound_sets_are_refused(world: dict[str, Path], tmp_path: Path) -> None:
     ckpt = copy_parent(world, tmp_path)
     spec40 = write_tokenizer(tmp_path / "t40.json", 40)
-    vocab = write_eval_split(tmp_path / "v", 8, 8, dataset="cc12m", tokenizer=spec40)
+    vocab = write_dataset(tmp_path / "v", 8, 8, dataset="cc12m", tokenizer=spec40, split="eval")
     code, out = run("evaluate", ckpt, "--shards", vocab)
     assert code == 1 and "40 tokens" in out and "num_text_tokens=32" in out
-    small = write_eval_split(tmp_path / "s", 8, 8, image_size=16, tokenizer=world["spec"])
+    small = write_dataset(
+        tmp_path / "s", 8, 8, image_size=16, tokenizer=world["spec"], split="eval"
+    )
     code, out = run("evaluate", ckpt, "--shards", small)
     assert code == 1 and "16px images" in out
     code, out = run("evaluate", ckpt, "--shards", world["shards"].parent / "missing")
@@ -153,7 +157,9 @@ def test_train_extend_scores_parent_and_output_and_the_card_shows_both(
     text = card.text
     assert f"**{records[0]['loss']:.4f}** | {parent['loss']:.4f} |" in text
     # a later `evaluate` on another set adds a row and a model-index result, keeps the rest
-    other = write_eval_split(tmp_path / "wit", 7, 8, dataset="wit", tokenizer=world["spec"])
+    other = write_dataset(
+        tmp_path / "wit", 7, 8, dataset="wit", tokenizer=world["spec"], split="eval"
+    )
     assert run("evaluate", final, "--shards", other)[0] == 0
     again = ModelCard.load(final.parent / "README.md")
     assert {r.dataset_type for r in again.data.eval_results} == {"cc12m", "wit"}

@@ -9,21 +9,29 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from dalle_data.errors import TrainError
+from dalle_data.model.checkpoint import model_int
+
+
+class ShardFacts(Protocol):
+    """What the checks read of a shard set (train's ShardSet, evaluate's EvalSet)."""
+
+    @property
+    def tokenizer(self) -> Mapping[str, Any]: ...
+
+    @property
+    def image_size(self) -> int: ...
 
 
 def check_compatible(
-    path: str | os.PathLike[str],
-    ckpt: Mapping[str, Any],
-    *,
-    tokenizer: Mapping[str, Any],
-    image_size: int,
-    vae_image_size: int,
+    path: str | os.PathLike[str], ckpt: Mapping[str, Any], data: ShardFacts, dalle: Any
 ) -> None:
-    """Refuse shards (``tokenizer`` record, stored ``image_size``) that checkpoint ``path``
-    cannot read: another vocabulary, other token ids, or images smaller than its VAE's."""
+    """Refuse shards that checkpoint ``path`` (loaded as ``ckpt``, built as ``dalle``) cannot
+    read: another vocabulary, other token ids, or images smaller than its VAE's."""
+    tokenizer, image_size = data.tokenizer, data.image_size
+    vae_image_size = model_int(dalle, "vae.image_size")
     vocab = ckpt["hparams"].get("num_text_tokens")
     shards_vocab = tokenizer.get("vocab_size")
     if vocab != shards_vocab:

@@ -325,13 +325,7 @@ def evaluate_checkpoint(
     dalle = ckpt_io.build_dalle(
         ckpt, vqgan_model_path=vqgan_model_path, vqgan_config_path=vqgan_config_path
     )
-    check_compatible(
-        path,
-        ckpt,
-        tokenizer=eval_set.tokenizer,
-        image_size=eval_set.image_size,
-        vae_image_size=ckpt_io.model_int(dalle, "vae.image_size"),
-    )
+    check_compatible(path, ckpt, eval_set, dalle)
     dalle = dalle.to(pick_device(device))
     record = score(dalle, eval_set, batch_size=batch_size)
     if clip is not None:
@@ -397,13 +391,7 @@ def held_out_split(
     if found is None:
         return None
     eval_set = load_eval_set(found)
-    check_compatible(
-        checkpoint,
-        ckpt,
-        tokenizer=eval_set.tokenizer,
-        image_size=eval_set.image_size,
-        vae_image_size=ckpt_io.model_int(dalle, "vae.image_size"),
-    )
+    check_compatible(checkpoint, ckpt, eval_set, dalle)
     return eval_set
 
 

@@ -257,13 +257,7 @@ def plan_run(args: TrainArgs, dist: Dist) -> Run:
         ckpt, vqgan_model_path=args.vqgan_model_path, vqgan_config_path=args.vqgan_config_path
     )
     data = load_shard_set(args.shards, skip_corrupt=args.skip_corrupt)
-    check_compatible(
-        parent_path,
-        ckpt,
-        tokenizer=data.tokenizer,
-        image_size=data.image_size,
-        vae_image_size=ckpt_io.model_int(dalle, "vae.image_size"),
-    )
+    check_compatible(parent_path, ckpt, data, dalle)
     held_out = (
         evaluation.held_out_split(args.shards, parent_path, ckpt, dalle) if args.held_out else None
     )
