@@ -5,17 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
+from typer import _click
 from typer.core import TyperGroup
 
+from dalle_data.config import schema_default
 from dalle_data.errors import DalleDataError
 
 
 class _Commands(TyperGroup):
     """Turns every dalle-data error a command raises into one red line and exit code 1."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: _click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except DalleDataError as err:
@@ -29,6 +30,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+# Options a config also sets take their defaults from the config's schema.
+_FILTERS = {k: schema_default("filters", k) for k in ("min_words", "max_words")}
+_DOWNLOAD = {
+    key: schema_default("download", key)
+    for key in (
+        "processes",
+        "thread_count",
+        "timeout",
+        "retries",
+        "min_image_size",
+        "max_aspect_ratio",
+        "distributor",
+        "user_agent_token",
+        "rows_per_part",
+    )
+}
+_IMAGE_SIZE = schema_default("image_size")
+ImageSize = Annotated[int, typer.Option(help="shorter side of stored images, px")]
+_SHARD_SIZE = schema_default("shard_size")
 
 
 def _key_value(item: str) -> tuple[str, str]:
@@ -89,15 +111,19 @@ def filter_cmd(
     allow_file_urls: Annotated[
         bool, typer.Option(help="let file: URLs through (only for the offline sample)")
     ] = False,
-    min_words: Annotated[int, typer.Option(help="fewest words in a cleaned caption")] = 1,
-    max_words: Annotated[int, typer.Option(help="most words in a cleaned caption")] = 200,
+    min_words: Annotated[int, typer.Option(help="fewest words in a cleaned caption")] = _FILTERS[
+        "min_words"
+    ],
+    max_words: Annotated[int, typer.Option(help="most words in a cleaned caption")] = _FILTERS[
+        "max_words"
+    ],
     blocklist: Annotated[
         list[str] | None, typer.Option(help="drop captions holding this word (repeat)")
     ] = None,
     workers: Annotated[int, typer.Option(help="caption cleaning processes (0 = all cores)")] = 0,
 ) -> None:
     """Subset, URL, caption and duplicate filters: filtered.parquet, dropped.parquet."""
-    from dalle_data.pipeline.filters import FilterOptions, run
+    from dalle_data.pipeline.filter_stage import FilterOptions, run
 
     options = FilterOptions(
         fraction=fraction,
@@ -145,7 +171,9 @@ def train_tokenizer_cmd(
 def plan_download_cmd(
     filtered: Annotated[Path, typer.Option(help="filtered.parquet from the filter stage")],
     out: Annotated[Path, typer.Option(help="plan folder: <out>/<ds>/download")],
-    rows_per_part: Annotated[int, typer.Option(help="rows per download part")] = 100_000,
+    rows_per_part: Annotated[int, typer.Option(help="rows per download part")] = _DOWNLOAD[
+        "rows_per_part"
+    ],
     allow_file_urls: Annotated[
         bool, typer.Option(help="fetch non-http(s) URLs (only for the offline sample)")
     ] = False,
@@ -165,17 +193,29 @@ def plan_download_cmd(
 def download_cmd(
     part: Annotated[Path, typer.Option(help="a part parquet written by plan-download")],
     out: Annotated[Path, typer.Option(help="the part's folder: <out>/<ds>/downloaded/part-NNNNN")],
-    image_size: Annotated[int, typer.Option(help="shorter side of stored images, px")] = 256,
-    processes: Annotated[int, typer.Option(help="download processes")] = 1,
-    thread_count: Annotated[int, typer.Option(help="threads per process")] = 32,
-    timeout: Annotated[float, typer.Option(help="seconds before a request is given up")] = 10,
-    retries: Annotated[int, typer.Option(help="retries after a failed request")] = 0,
-    min_image_size: Annotated[int, typer.Option(help="refuse images with a smaller side")] = 64,
-    max_aspect_ratio: Annotated[float, typer.Option(help="refuse longer/shorter above this")] = 3.0,
-    distributor: Annotated[
-        str, typer.Option(help="multiprocessing or pyspark")
-    ] = "multiprocessing",
-    user_agent_token: Annotated[str, typer.Option(help="token in the User-Agent")] = "dalle-data",
+    image_size: ImageSize = _IMAGE_SIZE,
+    processes: Annotated[int, typer.Option(help="download processes")] = _DOWNLOAD["processes"],
+    thread_count: Annotated[int, typer.Option(help="threads per process")] = _DOWNLOAD[
+        "thread_count"
+    ],
+    timeout: Annotated[
+        float, typer.Option(help="seconds before a request is given up")
+    ] = _DOWNLOAD["timeout"],
+    retries: Annotated[int, typer.Option(help="retries after a failed request")] = _DOWNLOAD[
+        "retries"
+    ],
+    min_image_size: Annotated[
+        int, typer.Option(help="refuse images with a smaller side")
+    ] = _DOWNLOAD["min_image_size"],
+    max_aspect_ratio: Annotated[
+        float, typer.Option(help="refuse longer/shorter above this")
+    ] = _DOWNLOAD["max_aspect_ratio"],
+    distributor: Annotated[str, typer.Option(help="multiprocessing or pyspark")] = _DOWNLOAD[
+        "distributor"
+    ],
+    user_agent_token: Annotated[str, typer.Option(help="token in the User-Agent")] = _DOWNLOAD[
+        "user_agent_token"
+    ],
     spark_master: Annotated[
         str | None, typer.Option(help="pyspark: cluster master URL (default local[processes])")
     ] = None,
@@ -208,8 +248,8 @@ def finalize_cmd(
     dataset_dir: Annotated[Path, typer.Option(help="<output_dir>/<dataset>")],
     dataset: Annotated[str, typer.Option(help="dataset name ([a-z0-9]+)")],
     tokenizer: Annotated[str, typer.Option(help="simple, hug:<json> or yttm:<model>")],
-    image_size: Annotated[int, typer.Option(help="shorter side of stored images, px")] = 256,
-    shard_size: Annotated[int, typer.Option(help="samples per shard")] = 1000,
+    image_size: ImageSize = _IMAGE_SIZE,
+    shard_size: Annotated[int, typer.Option(help="samples per shard")] = _SHARD_SIZE,
     card: Annotated[bool, typer.Option(help="also write the dataset card README.md")] = True,
 ) -> None:
     """Downloaded parts -> shards/<dataset>-NNNNN.tar, manifest.json, failures.parquet, card."""

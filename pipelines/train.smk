@@ -35,8 +35,7 @@ rule train:
     params:
         shards=subpath(input.shards, parent=True),
         epochs=TRAIN["epochs"],
-        # <output_dir>/<family>/<name>/<name>.pt
-        output_dir=subpath(output.checkpoint, ancestor=3),
+        output_dir=TRAIN["output_dir"],
         options=train_options(),
     log:
         f"{OUT}/{TRAIN['dataset']}/logs/train.log",
