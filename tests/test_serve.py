@@ -147,12 +147,12 @@ class Server:
     process: subprocess.Popen[bytes]
     log: Path
 
-    def post(self, body: Any, **kwargs: Any) -> httpx.Response:
+    def post(self, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
         """POST /dalle as dalle-service's front-end does: a JSON string sent as text/plain."""
         content = body if isinstance(body, bytes | str) else json.dumps(body)
-        headers = {"Content-Type": "text/plain;charset=UTF-8", "Bypass-Tunnel-Reminder": "go"}
+        sent = {"Content-Type": "text/plain;charset=UTF-8", "Bypass-Tunnel-Reminder": "go"}
         return httpx.post(
-            f"{self.url}/dalle", content=content, headers=headers, timeout=600, **kwargs
+            f"{self.url}/dalle", content=content, headers={**sent, **(headers or {})}, timeout=600
         )
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
@@ -534,7 +534,11 @@ def test_a_collection_without_index_is_indexed_or_explained(tmp_path: Path) -> N
 
     root = tmp_path / "collection"
     (root / "custom").mkdir(parents=True)
-    if importlib.util.find_spec("dalle_data.collection.index") is None:
+    try:
+        can_index = importlib.util.find_spec("dalle_data.collection.index") is not None
+    except ModuleNotFoundError:  # no dalle_data.collection package yet
+        can_index = False
+    if not can_index:
         with pytest.raises(ServeError, match="run `dalle-data collection"):
             Catalog.open(root)
     else:

@@ -15,7 +15,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -103,9 +103,10 @@ def create_app(settings: Settings, *, devices: list[str] | None = None) -> FastA
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["*"],
         expose_headers=REPORTED,
+        # Chrome asks before a public page (the front-end on github.io) calls this machine.
+        allow_private_network=True,
         max_age=600,
     )
-    app.add_middleware(PrivateNetworkAccess)
 
     @app.get("/")
     def health() -> str:
@@ -170,35 +171,6 @@ def create_app(settings: Settings, *, devices: list[str] | None = None) -> FastA
 
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="static")
     return app
-
-
-class PrivateNetworkAccess:
-    """Answer Chrome's Private Network Access preflight, so a public page (dalle-service's
-    front-end on github.io) may call a server on this machine; Starlette's CORS does not."""
-
-    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
-        self.app = app
-
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[Any]],
-        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
-    ) -> None:
-        asked = scope["type"] == "http" and scope["method"] == "OPTIONS"
-        asked = asked and (b"access-control-request-private-network", b"true") in scope["headers"]
-        if not asked:
-            await self.app(scope, receive, send)
-            return
-
-        async def send_allowing(message: MutableMapping[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.append((b"access-control-allow-private-network", b"true"))
-                message["headers"] = headers
-            await send(message)
-
-        await self.app(scope, receive, send_allowing)
 
 
 async def _read_body(request: Request) -> bytes:
