@@ -66,3 +66,4 @@ def test_demo_builds_a_lineage_named_checkpoint_with_card_and_quality(tmp_path: 
     assert summary.returncode == 0, summary.stderr
     assert f"data/models/custom/{NAME}/{NAME}.pt" in summary.stdout
     assert "colour accuracy" in summary.stdout
+    assert "dalle-data serve data/collection" in summary.stdout.splitlines()[-1]

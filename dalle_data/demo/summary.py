@@ -26,7 +26,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary(output_dir: Path, config_paths: list[Path]) -> str:
-    """A few lines naming the shards, the checkpoint, its card and the quality figure."""
+    """A few lines naming the shards, the checkpoint, its card and the quality figure, and
+    ending with the command that serves the demo's collection."""
     merged: dict[str, Any] = {}
     for path in config_paths:
         merged = _merge(merged, yaml.safe_load(path.read_text(encoding="utf-8")) or {})
@@ -56,6 +57,10 @@ def summary(output_dir: Path, config_paths: list[Path]) -> str:
         )
     else:
         lines.append(f"quality:    not measured ({quality_path} is missing)")
+    lines.append(
+        f"serve:      dalle-data serve {output_dir / 'collection'}"
+        "   # then open http://127.0.0.1:8000/ui"
+    )
     return "\n".join(lines)
 
 

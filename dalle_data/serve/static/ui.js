@@ -11,6 +11,16 @@ function el(tag, text, className) {
   return node;
 }
 
+// A lineage name, breakable after each "_" so narrow columns wrap at its parts.
+function nameNode(tag, name, className) {
+  const node = el(tag, null, className);
+  String(name).split("_").forEach((part, i, parts) => {
+    node.append(i < parts.length - 1 ? `${part}_` : part);
+    if (i < parts.length - 1) node.append(document.createElement("wbr"));
+  });
+  return node;
+}
+
 function fmt(value, digits = 3) {
   return typeof value === "number" ? value.toFixed(digits) : "–";
 }
@@ -35,7 +45,7 @@ function renderModels(models) {
     const row = el("tr");
     row.dataset.name = model.name;
     row.tabIndex = 0;
-    const name = el("td", model.name, "name");
+    const name = nameNode("td", model.name, "name");
     if ((model.problems || []).length) name.append(el("span", "!", "flag"));
     row.append(
       name,
@@ -78,7 +88,7 @@ function renderLeaderboards(boards) {
       tr.addEventListener("click", () => showModel(row.name));
       tr.append(
         el("td", i + 1, "rank"),
-        el("td", row.name, "name"),
+        nameNode("td", row.name, "name"),
         el("td", fmt(row.loss), "num strong"),
         el("td", fmt(row.text_loss), "num"),
         el("td", fmt(row.image_loss), "num"),
@@ -113,7 +123,7 @@ function renderTree(models) {
       if (seen.has(model.sha256)) continue;
       seen.add(model.sha256);
       const li = el("li");
-      const node = el("button", model.name, "node");
+      const node = nameNode("button", model.name, "node");
       node.type = "button";
       node.addEventListener("click", () => showModel(model.name));
       li.append(node);
