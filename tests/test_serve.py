@@ -179,8 +179,11 @@ def run_server(root: Path, *options: str) -> Iterator[Server]:
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Server(url=f"http://127.0.0.1:{port}", process=process, log=log)
+    give_up = time.monotonic() + 600  # a hang guard, not a speed check
     try:
         while True:  # ready when GET / answers; a server that exits is a failure
+            if time.monotonic() > give_up:
+                pytest.fail(f"dalle-data serve did not answer GET /:\n{log.read_text()}")
             if process.poll() is not None:
                 pytest.fail(f"dalle-data serve exited {process.returncode}:\n{log.read_text()}")
             with contextlib.suppress(httpx.TransportError):

@@ -63,8 +63,8 @@ class Settings:
             raise ServeError(f"--max-images must be at least 1, got {self.max_images}")
         if not self.timeout > 0:
             raise ServeError(f"--timeout must be a positive number of seconds, got {self.timeout}")
-        if not 0 <= self.port <= 65535:
-            raise ServeError(f"--port must be in 0..65535, got {self.port}")
+        if not 1 <= self.port <= 65535:
+            raise ServeError(f"--port must be in 1..65535, got {self.port}")
 
 
 class DalleRequest(BaseModel):

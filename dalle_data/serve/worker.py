@@ -184,10 +184,9 @@ class _Interrupt:
         self.job: Job | None = None
 
     def attach(self, model: LoadedModel) -> None:
-        # On DALLE (each sampling step), its transformer and its VAE (the final decode),
-        # so a faster sampling loop that calls the transformer directly is covered too.
-        dalle = model.dalle
-        for module in (dalle, dalle.get_submodule("transformer"), dalle.get_submodule("vae")):
+        # On DALLE (each sampling step calls it) and on its transformer, so a faster
+        # sampling loop that calls the transformer directly is covered too.
+        for module in (model.dalle, model.dalle.get_submodule("transformer")):
             module.register_forward_pre_hook(self)
 
     def __call__(self, module: Any, args: Any) -> None:
