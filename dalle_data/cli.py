@@ -11,6 +11,7 @@ from typer.core import TyperGroup
 
 from dalle_data.config import schema_default
 from dalle_data.errors import DalleDataError
+from dalle_data.settings import DOWNLOAD_OPTIONS
 
 
 class _Commands(TyperGroup):
@@ -36,17 +37,7 @@ app = typer.Typer(
 _FILTERS = {k: schema_default("filters", k) for k in ("min_words", "max_words")}
 _DOWNLOAD = {
     key: schema_default("download", key)
-    for key in (
-        "processes",
-        "thread_count",
-        "timeout",
-        "retries",
-        "min_image_size",
-        "max_aspect_ratio",
-        "distributor",
-        "user_agent_token",
-        "rows_per_part",
-    )
+    for key in ("processes", "rows_per_part", *DOWNLOAD_OPTIONS)
 }
 _IMAGE_SIZE = schema_default("image_size")
 ImageSize = Annotated[int, typer.Option(help="shorter side of stored images, px")]
