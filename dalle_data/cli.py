@@ -574,6 +574,48 @@ def publish_cmd(
     typer.echo(f"{verb}: {result['path']}; front page: {root / FRONT_PAGE}")
 
 
+@app.command("serve")
+def serve_cmd(
+    root: Annotated[Path, typer.Argument(help="the collection folder (its index.json)")],
+    host: Annotated[
+        str, typer.Option(help="address to listen on; 0.0.0.0 opens it to the network")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    max_images: Annotated[int, typer.Option(help="most images one request may ask for")] = 8,
+    timeout: Annotated[
+        float, typer.Option(help="seconds a request may take, waiting and loading included")
+    ] = 300.0,
+    max_loaded: Annotated[
+        int, typer.Option(help="models kept in memory per device (least recently used leave)")
+    ] = 2,
+    queue: Annotated[
+        int, typer.Option(help="requests that may wait for a device; more get 503 + Retry-After")
+    ] = 16,
+    vqgan_model_path: VqganModel = None,
+    vqgan_config_path: VqganConfig = None,
+) -> None:
+    """Serve a collection: dalle-service's HTTP API (/, /dalle-list, /dalle) and a page at /ui.
+
+    Point dalle-service's front-end at it with
+    https://rom1504.github.io/dalle-service/?back=http://127.0.0.1:8000
+    """
+    from dalle_data.serve.app import Settings, serve
+    from dalle_data.serve.models import VqganFiles
+
+    serve(
+        Settings(
+            root=root,
+            host=host,
+            port=port,
+            max_images=max_images,
+            timeout=timeout,
+            max_loaded=max_loaded,
+            queue=queue,
+            vqgan=VqganFiles(vqgan_model_path, vqgan_config_path),
+        )
+    )
+
+
 def main() -> None:
     app()
 

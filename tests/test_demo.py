@@ -75,3 +75,4 @@ def test_demo_builds_a_lineage_named_checkpoint_with_card_and_quality(tmp_path: 
     ).read_bytes()
     assert (collection / "lineage.png").is_file() and NAME in (collection / "README.md").read_text()
     assert "collection: data/collection/README.md" in summary.stdout
+    assert "dalle-data serve data/collection" in summary.stdout.splitlines()[-1]

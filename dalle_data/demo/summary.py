@@ -26,7 +26,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary(output_dir: Path, config_paths: list[Path]) -> str:
-    """A few lines naming the shards, the checkpoint, its card and the quality figure."""
+    """A few lines naming the shards, the checkpoint, its card and the quality figure, and
+    ending with the command that serves the demo's collection."""
     merged: dict[str, Any] = {}
     for path in config_paths:
         merged = _merge(merged, yaml.safe_load(path.read_text(encoding="utf-8")) or {})
@@ -60,6 +61,10 @@ def summary(output_dir: Path, config_paths: list[Path]) -> str:
     front_page = output_dir / "collection" / "README.md"
     if front_page.is_file():
         lines.append(f"collection: {front_page} (front page; index.json and lineage.png beside it)")
+    lines.append(
+        f"serve:      dalle-data serve {output_dir / 'collection'}"
+        "   # then open http://127.0.0.1:8000/ui"
+    )
     return "\n".join(lines)
 
 
