@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,18 +11,37 @@ from typer import _click
 from typer.core import TyperGroup
 
 from dalle_data.config import schema_default
-from dalle_data.errors import DalleDataError
+from dalle_data.errors import DalleDataError, DalleDataWarning
 from dalle_data.model.shard_cache import DEFAULT_SIZE
+from dalle_data.settings import DOWNLOAD_OPTIONS
 
 
 class _Commands(TyperGroup):
-    """Turns every dalle-data error a command raises into one red line and exit code 1."""
+    """Turns every dalle-data error a command raises into one red line and exit code 1,
+    and every dalle-data warning into one yellow line."""
 
     def invoke(self, ctx: _click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except DalleDataError as err:
-            fail(str(err))
+        with warnings.catch_warnings():
+            show = warnings.showwarning
+
+            def one_line(
+                message: Warning | str,
+                category: type[Warning],
+                filename: str,
+                lineno: int,
+                file: Any = None,
+                line: str | None = None,
+            ) -> None:
+                if issubclass(category, DalleDataWarning):
+                    typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+                else:
+                    show(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = one_line
+            try:
+                return super().invoke(ctx)
+            except DalleDataError as err:
+                fail(str(err))
 
 
 app = typer.Typer(
@@ -37,17 +57,7 @@ app = typer.Typer(
 _FILTERS = {k: schema_default("filters", k) for k in ("min_words", "max_words")}
 _DOWNLOAD = {
     key: schema_default("download", key)
-    for key in (
-        "processes",
-        "thread_count",
-        "timeout",
-        "retries",
-        "min_image_size",
-        "max_aspect_ratio",
-        "distributor",
-        "user_agent_token",
-        "rows_per_part",
-    )
+    for key in ("processes", "rows_per_part", *DOWNLOAD_OPTIONS)
 }
 _IMAGE_SIZE = schema_default("image_size")
 ImageSize = Annotated[int, typer.Option(help="shorter side of stored images, px")]
@@ -85,7 +95,7 @@ def fetch_cmd(
 
 @app.command("normalize")
 def normalize_cmd(
-    format: Annotated[str, typer.Option(help="source format: cc12m, wit or yfcc")],
+    format: Annotated[str, typer.Option(help="source format: cc12m, wit, yfcc or yfcc_sqlite")],
     raw_dir: Annotated[Path, typer.Option(help="the fetched files: <out>/<ds>/raw")],
     metadata_dir: Annotated[Path, typer.Option(help="output folder: <out>/<ds>/metadata")],
     language: Annotated[
@@ -318,16 +328,23 @@ def card_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="a DALLE-pytorch checkpoint (.pt)")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(help="a DALLE-pytorch checkpoint (.pt), or a VQGAN .ckpt or .yaml config"),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="print machine-readable JSON")] = False,
 ) -> None:
-    """Print a checkpoint's architecture, VAE, lineage, epochs, size and name."""
+    """Print a checkpoint's architecture, VAE, lineage, epochs, size and name.
+
+    On a taming VQGAN (weights, Lightning checkpoint or config): its codebook size,
+    downsampling factor and image tokens at 256 px.
+    """
     import json
 
-    from dalle_data.model.checkpoint import format_summary, load_checkpoint, summary
+    from dalle_data.model.checkpoint import inspect_file
 
-    info = summary(load_checkpoint(checkpoint), file_name=checkpoint.name)
-    typer.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else format_summary(info))
+    info, text = inspect_file(checkpoint)
+    typer.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else text)
 
 
 VqganModel = Annotated[
@@ -381,6 +398,13 @@ def train_extend_cmd(
     evaluate_colours: Annotated[
         bool, typer.Option(help="measure colour accuracy on the sample's palette, into the card")
     ] = False,
+    held_out: Annotated[
+        bool,
+        typer.Option(
+            "--eval/--no-eval",
+            help="score parent and output on the dataset's eval split (<dataset>/eval) if any",
+        ),
+    ] = True,
     cache_dir: CacheDir = None,
     cache_size: CacheSize = DEFAULT_SIZE,
 ) -> None:
@@ -416,6 +440,7 @@ def train_extend_cmd(
         parent_lineage=parent_lineage,
         skip_corrupt=skip_corrupt,
         prompts=tuple(prompt) if prompt else DEFAULT_PROMPTS,
+        held_out=held_out,
         cache_dir=cache_dir,
         cache_size=parse_size(cache_size),
     )
@@ -495,6 +520,59 @@ def init_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="the checkpoint to score (.pt)")],
+    shards: Annotated[
+        Path, typer.Option(help="a held-out shard folder with manifest.json (<dataset>/eval)")
+    ],
+    batch_size: Annotated[
+        int, typer.Option(help="samples per forward pass (the scores do not depend on it)")
+    ] = 16,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda:N")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
+    vqgan_model_path: VqganModel = None,
+    vqgan_config_path: VqganConfig = None,
+    clip_model: Annotated[
+        str | None,
+        typer.Option(help="also a CLIP score: an open_clip model name or config JSON"),
+    ] = None,
+    clip_weights: Annotated[
+        Path | None,
+        typer.Option(help="that CLIP model's weights, a local .safetensors or .pt state dict"),
+    ] = None,
+    clip_captions: Annotated[
+        int, typer.Option(help="eval captions to generate an image for (CLIP score)")
+    ] = 16,
+    seed: Annotated[int, typer.Option(help="sampling seed of the CLIP score's images")] = 0,
+) -> None:
+    """Held-out text/image cross-entropy, loss and bits per image token; stored in eval.json."""
+    import json
+
+    from dalle_data.model.evaluate import evaluate_checkpoint, format_record
+
+    if (clip_model is None) != (clip_weights is None):
+        fail("pass --clip-model and --clip-weights together (weights are never downloaded)")
+    clip = None
+    if clip_model is not None:
+        clip = {
+            "model": clip_model,
+            "weights": clip_weights,
+            "captions": clip_captions,
+            "seed": seed,
+        }
+    record = evaluate_checkpoint(
+        checkpoint,
+        shards,
+        batch_size=batch_size,
+        device=device,
+        vqgan_model_path=vqgan_model_path,
+        vqgan_config_path=vqgan_config_path,
+        clip=clip,
+    )
+    typer.echo(json.dumps(record, indent=2, sort_keys=True) if as_json else format_record(record))
+
+
+@app.command("evaluate-colours")
+def evaluate_colours_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="a checkpoint trained on the sample")],
     per_colour: Annotated[int, typer.Option(help="images per colour")] = 8,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
@@ -527,6 +605,84 @@ def evaluate_cmd(
     if output is not None:
         write_json(output, result)
     typer.echo(json.dumps(result, indent=2))
+
+
+@app.command("collection")
+def collection_cmd(
+    root: Annotated[Path, typer.Argument(help="the collection folder (family folders inside)")],
+) -> None:
+    """Index a checkpoint collection: index.json, README.md front page, lineage.png, flags."""
+    from dalle_data.collection.index import FRONT_PAGE, write_index
+
+    index = write_index(root)
+    entries = index["checkpoints"]
+    for entry in entries:
+        for problem in entry["problems"]:
+            typer.echo(f"flag: {entry['path']}: {problem}")
+    for problem in index["problems"]:
+        typer.echo(f"flag: {problem}")
+    typer.echo(
+        f"{len(entries)} checkpoints, {len(index['eval_sets'])} eval sets; "
+        f"front page: {root / FRONT_PAGE}"
+    )
+
+
+@app.command("publish")
+def publish_cmd(
+    checkpoint_dir: Annotated[
+        Path, typer.Argument(help="a train-extend output folder, <output_dir>/<family>/<name>")
+    ],
+    root: Annotated[Path, typer.Argument(help="the collection folder")],
+) -> None:
+    """Copy a checkpoint folder into ROOT/<family>/<name>/ (verified, atomic) and re-index."""
+    from dalle_data.collection.index import FRONT_PAGE
+    from dalle_data.collection.publish import publish
+
+    result = publish(checkpoint_dir, root)
+    verb = "published" if result["published"] else "already published (same sha256)"
+    typer.echo(f"{verb}: {result['path']}; front page: {root / FRONT_PAGE}")
+
+
+@app.command("serve")
+def serve_cmd(
+    root: Annotated[Path, typer.Argument(help="the collection folder (its index.json)")],
+    host: Annotated[
+        str, typer.Option(help="address to listen on; 0.0.0.0 opens it to the network")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    max_images: Annotated[int, typer.Option(help="most images one request may ask for")] = 8,
+    timeout: Annotated[
+        float, typer.Option(help="seconds a request may take, waiting and loading included")
+    ] = 300.0,
+    max_loaded: Annotated[
+        int, typer.Option(help="models kept in memory per device (least recently used leave)")
+    ] = 2,
+    queue: Annotated[
+        int, typer.Option(help="requests that may wait for a device; more get 503 + Retry-After")
+    ] = 16,
+    vqgan_model_path: VqganModel = None,
+    vqgan_config_path: VqganConfig = None,
+) -> None:
+    """Serve a collection: dalle-service's HTTP API (/, /dalle-list, /dalle) and a page at /ui.
+
+    Point dalle-service's front-end at it with
+    https://rom1504.github.io/dalle-service/?back=http://127.0.0.1:8000
+    """
+    from dalle_data.serve.app import Settings, serve
+    from dalle_data.serve.models import VqganFiles
+
+    serve(
+        Settings(
+            root=root,
+            host=host,
+            port=port,
+            max_images=max_images,
+            timeout=timeout,
+            max_loaded=max_loaded,
+            queue=queue,
+            vqgan=VqganFiles(vqgan_model_path, vqgan_config_path),
+        )
+    )
 
 
 def main() -> None:

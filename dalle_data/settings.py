@@ -18,6 +18,16 @@ from typing import Any
 from dalle_data.config import ConfigError, local_output_dir, tokenizer_file
 
 _REMOTE = re.compile(r"^(?i:https?|file)://")
+# The `dalle-data download` options a config's `download:` section sets, one to one.
+DOWNLOAD_OPTIONS = (
+    "thread_count",
+    "timeout",
+    "retries",
+    "min_image_size",
+    "max_aspect_ratio",
+    "distributor",
+    "user_agent_token",
+)
 # The bundled offline source: a local `sample.tsv` that `dalle-data make-sample` writes.
 SAMPLE_SOURCE = "sample.tsv"
 
@@ -85,15 +95,7 @@ class DatasetSettings:
         """Every `dalle-data download` option but the part, its folder and --processes."""
         d = self.download
         args = ["--image-size", str(self.image_size)]
-        for key in (
-            "thread_count",
-            "timeout",
-            "retries",
-            "min_image_size",
-            "max_aspect_ratio",
-            "distributor",
-            "user_agent_token",
-        ):
+        for key in DOWNLOAD_OPTIONS:
             args += [f"--{key.replace('_', '-')}", str(d[key])]
         if d.get("spark_master"):
             args += ["--spark-master", d["spark_master"]]

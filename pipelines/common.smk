@@ -144,10 +144,28 @@ def trained_outputs():
     return outputs
 
 
+COLLECTION = f"{OUT}/collection"
+
+
+def collection_outputs():
+    """What `dalle-data publish` rewrites at the collection's root (the published folder
+    itself is not an output: Snakemake would create it first, and publish refuses a folder
+    that is already there with other contents)."""
+    return {
+        "index": f"{COLLECTION}/index.json",
+        "front_page": f"{COLLECTION}/README.md",
+        "lineage": f"{COLLECTION}/lineage.png",
+    }
+
+
 def demo_outputs():
-    """The offline demo's target (`all`): the trained checkpoint, its card and samples, and
-    the card of the dataset it trained on."""
-    return [*trained_outputs().values(), *built(TRAIN["dataset"])]
+    """The offline demo's target (`all`): the trained checkpoint, its card and samples, the
+    card of the dataset it trained on, and the collection it is published into."""
+    return [
+        *trained_outputs().values(),
+        *built(TRAIN["dataset"]),
+        *collection_outputs().values(),
+    ]
 
 
 def train_options():

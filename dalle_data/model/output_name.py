@@ -46,12 +46,6 @@ def parent_history(
         ) from err
 
 
-def family_of(vae_class_name: str) -> str:
-    from dalle_data.model.checkpoint import family
-
-    return family(vae_class_name)
-
-
 def planned_output(
     parent: Path,
     dataset: str,
@@ -82,7 +76,7 @@ def planned_output(
         ckpt = ckpt_io.load_checkpoint(parent)
         segments, _, _ = parent_history(ckpt, parent, parent_lineage)
         arch = lin.Architecture.from_hparams(ckpt["hparams"])
-        family = family_of(ckpt["vae_class_name"])
+        family = ckpt_io.family(ckpt["vae_class_name"])
     else:
         preset = Path(presets_dir) / f"{parent.stem}.yaml"
         if not preset.is_file():

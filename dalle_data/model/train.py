@@ -34,10 +34,12 @@ from dalle_data.formats.manifest import (
     verify,
 )
 from dalle_data.hashing import sha256_bytes, sha256_file
+from dalle_data.model import evaluate as evaluation
 from dalle_data.model import lineage as lin
+from dalle_data.model.compatibility import check_compatible
 from dalle_data.model.distributed import Dist, limit_cpu_threads, setup_distributed
 from dalle_data.model.loader import Batch, LoaderSpec, ShardRef, batches, steps_per_epoch
-from dalle_data.model.output_name import checkpoint_path, family_of, parent_history
+from dalle_data.model.output_name import checkpoint_path, parent_history
 from dalle_data.model.shard_cache import DEFAULT_SIZE, CacheSpec, default_dir, parse_size
 
 DEFAULT_PROMPTS = (
@@ -73,6 +75,7 @@ class TrainArgs:
     skip_corrupt: bool = False
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     samples_per_prompt: int = 4
+    held_out: bool = True
     cache_dir: Path | None = None
     cache_size: int = parse_size(DEFAULT_SIZE)
 
@@ -225,6 +228,8 @@ class Run:
     published: Path | str
     rid: str
     run_dir: Path
+    held_out: evaluation.EvalSet | None = None
+    parent_evals: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -253,12 +258,14 @@ def train_extend(args: TrainArgs, evaluate: Evaluation | None = None) -> Path | 
         if dist.is_root:
             tqdm.write(f"{run.published} is already the result of this run; nothing to do")
         return run.published
+    if dist.is_root:
+        score_parent(run, args)
     progress = start_or_resume(run, args, dist)
     train_steps(run, progress, args, dist)
     dist.barrier()
     if dist.is_root:
         record = save_result(run, progress, args, dist)
-        finish_outputs(run, record, args, evaluate)
+        finish_outputs(run, record, args, evaluate, score_output(run, args))
         publish(run)
         _remove_run_dir(run.run_dir)
     return run.published
@@ -282,7 +289,10 @@ def plan_run(args: TrainArgs, dist: Dist) -> Run:
         ckpt, vqgan_model_path=args.vqgan_model_path, vqgan_config_path=args.vqgan_config_path
     )
     data = load_shard_set(args.shards, skip_corrupt=args.skip_corrupt)
-    _check_compatible(parent_path, ckpt, data, dalle)
+    check_compatible(parent_path, ckpt, data, dalle)
+    held_out = (
+        evaluation.held_out_split(args.shards, parent_path, ckpt, dalle) if args.held_out else None
+    )
     spec = LoaderSpec(
         shards=data.shards,
         batch_size=args.batch_size // dist.world_size,
@@ -305,7 +315,7 @@ def plan_run(args: TrainArgs, dist: Dist) -> Run:
     except lin.LineageError as err:
         raise TrainError(f"{err} ({total} of {per_epoch} steps per epoch)") from err
     name = lin.model_name(lin.Architecture.from_hparams(ckpt["hparams"]), new_segments)
-    family = family_of(ckpt["vae_class_name"])
+    family = ckpt_io.family(ckpt["vae_class_name"])
     parent_sha = sha256_file(parent_path)
     rid = run_id(args, parent_sha, data, dist.world_size)
     local_root, published_root = output_roots(args.output_dir, args.cache_dir)
@@ -327,6 +337,7 @@ def plan_run(args: TrainArgs, dist: Dist) -> Run:
         published=locations.join(published_root, family, name, f"{name}.pt"),
         rid=rid,
         run_dir=local_root / RUNS_DIR / rid,
+        held_out=held_out,
     )
 
 
@@ -349,6 +360,23 @@ def publish(run: Run) -> None:
     folder = locations.parent(run.published)
     locations.put_tree(run.final.parent, folder, last=(run.final.name, LINEAGE))
     shutil.rmtree(run.final.parent)
+
+
+def score_parent(run: Run, args: TrainArgs) -> None:
+    """The parent's held-out scores, before any step (or resumed weights) changes the model."""
+    if run.held_out is not None:
+        record = evaluation.score_parent(
+            run.dalle, Path(args.parent), run.parent_sha, run.held_out, batch_size=args.batch_size
+        )
+        run.parent_evals.append(record)
+
+
+def score_output(run: Run, args: TrainArgs) -> list[dict[str, Any]]:
+    """The saved checkpoint's held-out scores, stored in the eval.json beside it."""
+    if run.held_out is None:
+        return []
+    record = evaluation.score(run.dalle, run.held_out, batch_size=args.batch_size)
+    return [evaluation.store_record(run.final, record)]
 
 
 def start_or_resume(run: Run, args: TrainArgs, dist: Dist) -> Progress:
@@ -459,6 +487,7 @@ def save_result(run: Run, progress: Progress, args: TrainArgs, dist: Dist) -> di
         "lineage": lin.format_lineage(run.segments),
         "final_loss": sum(progress.losses[-20:]) / max(1, len(progress.losses[-20:])),
         "train_seconds": round(progress.seconds, 1),
+        "parent_evals": run.parent_evals,
     }
     record = {
         "name": run.name,
@@ -487,32 +516,6 @@ def _remove_run_dir(run_dir: Path) -> None:
         leftover.unlink()
     with contextlib.suppress(OSError):
         run_dir.rmdir()
-
-
-def _check_compatible(path: Path, ckpt: dict[str, Any], data: ShardSet, dalle: Any) -> None:
-    """The checks between parent and shards that train_dalle.py would only fail on later."""
-    vocab = ckpt["hparams"].get("num_text_tokens")
-    shards_vocab = data.tokenizer.get("vocab_size")
-    if vocab != shards_vocab:
-        raise TrainError(
-            f"the shards were tokenized with {data.tokenizer.get('spec')!r} "
-            f"({shards_vocab} tokens) but parent {path} has num_text_tokens={vocab}: rebuild "
-            "the shards with the parent's tokenizer (config `tokenizer`) or pick a parent "
-            "built for this vocabulary"
-        )
-    recorded = (ckpt.get("tokenizer") or {}).get("fingerprint")
-    if recorded and recorded != data.tokenizer.get("fingerprint"):
-        raise TrainError(
-            f"the shards' tokenizer {data.tokenizer.get('spec')!r} has the parent's vocabulary "
-            f"size but not its token ids (fingerprint {data.tokenizer.get('fingerprint')} vs "
-            f"the parent's {recorded}): rebuild the shards with the tokenizer recorded in {path}"
-        )
-    if data.image_size < dalle.vae.image_size:
-        raise TrainError(
-            f"the shards hold {data.image_size}px images but the parent's VAE needs "
-            f"{dalle.vae.image_size}px: rebuild the shards with image_size >= "
-            f"{dalle.vae.image_size} (crops are only resized down)"
-        )
 
 
 def _already_done(final: Path | str, rid: str) -> bool:
@@ -548,9 +551,14 @@ def _reduce_step(
 
 
 def finish_outputs(
-    run: Run, record: dict[str, Any], args: TrainArgs, evaluate: Evaluation | None
+    run: Run,
+    record: dict[str, Any],
+    args: TrainArgs,
+    evaluate: Evaluation | None,
+    evals: list[dict[str, Any]],
 ) -> None:
-    """samples.png, the optional quality figure of ``evaluate``, README.md beside the checkpoint."""
+    """samples.png, the optional quality figure of ``evaluate``, README.md beside the checkpoint
+    (with ``evals``, the checkpoint's held-out records)."""
     from dalle_data.formats import tokenizers
     from dalle_data.model import model_card as modelcard
     from dalle_data.model.generate import encode_prompts, generate_images, save_grid
@@ -576,4 +584,5 @@ def finish_outputs(
         prompts=list(args.prompts),
         samples_file=samples,
         quality=quality,
+        evals=evals,
     )
