@@ -522,7 +522,11 @@ def init_cmd(
 def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="the checkpoint to score (.pt)")],
     shards: Annotated[
-        Path, typer.Option(help="a held-out shard folder with manifest.json (<dataset>/eval)")
+        str,
+        typer.Option(
+            help="a held-out shard folder with manifest.json (<dataset>/eval), or its s3://, "
+            "gs://, hf:// or http(s):// URL"
+        ),
     ],
     batch_size: Annotated[
         int, typer.Option(help="samples per forward pass (the scores do not depend on it)")
@@ -543,6 +547,7 @@ def evaluate_cmd(
         int, typer.Option(help="eval captions to generate an image for (CLIP score)")
     ] = 16,
     seed: Annotated[int, typer.Option(help="sampling seed of the CLIP score's images")] = 0,
+    cache_dir: CacheDir = None,
 ) -> None:
     """Held-out text/image cross-entropy, loss and bits per image token; stored in eval.json."""
     import json
@@ -567,6 +572,7 @@ def evaluate_cmd(
         vqgan_model_path=vqgan_model_path,
         vqgan_config_path=vqgan_config_path,
         clip=clip,
+        cache_dir=cache_dir,
     )
     typer.echo(json.dumps(record, indent=2, sort_keys=True) if as_json else format_record(record))
 

@@ -14,6 +14,7 @@ touched on every use) are deleted, never one this process is about to read.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import threading
@@ -23,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dalle_data import locations
+from dalle_data.atomic import atomic_path
 from dalle_data.errors import DalleDataError
+from dalle_data.formats.manifest import MANIFEST
+from dalle_data.hashing import sha256_bytes
 
 INCOMING = ".incoming"
 DEFAULT_SIZE = "20GB"
@@ -212,3 +216,30 @@ def _touch(path: Path) -> None:
     """Mark a shard used now (the LRU order); gone already is fine, the reader has it open."""
     with contextlib.suppress(FileNotFoundError):
         os.utime(path)
+
+
+def local_folder(location: Path | str, cache_dir: Path | None = None) -> Path:
+    """A shard folder (manifest.json and its shards) on local disk, for readers that read
+    every shard (evaluation): ``location`` itself when local; for a URL, a copy below
+    ``<cache_dir>/folders/``, each shard fetched whole and sha256-checked on arrival (one
+    already there at its size is kept), the manifest written last."""
+    target = locations.normalize(location)
+    if isinstance(target, Path):
+        return target
+    root = (cache_dir or default_dir()) / "folders" / sha256_bytes(target.encode())[:16]
+    raw = locations.read_bytes(locations.join(target, MANIFEST))
+    for shard in json.loads(raw)["shards"]:
+        path = root / shard["name"]
+        if _size(path) == shard["bytes"]:
+            continue
+        url = locations.join(target, shard["name"])
+        digest = locations.download(url, path)
+        if digest != shard["sha256"]:
+            path.unlink()
+            raise CacheError(
+                f"shard {url} arrived with sha256 {digest}, the manifest says "
+                f"{shard['sha256']}: rebuild and re-upload it"
+            )
+    with atomic_path(root / MANIFEST) as tmp:
+        tmp.write_bytes(raw)
+    return root

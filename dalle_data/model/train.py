@@ -291,7 +291,9 @@ def plan_run(args: TrainArgs, dist: Dist) -> Run:
     data = load_shard_set(args.shards, skip_corrupt=args.skip_corrupt)
     check_compatible(parent_path, ckpt, data, dalle)
     held_out = (
-        evaluation.held_out_split(args.shards, parent_path, ckpt, dalle) if args.held_out else None
+        evaluation.held_out_split(args.shards, parent_path, ckpt, dalle, args.cache_dir)
+        if args.held_out
+        else None
     )
     spec = LoaderSpec(
         shards=data.shards,
