@@ -12,22 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.http import Route, serve
-from tests.test_build_pipeline import CONFIG, REPO, finished, shard_bytes, snakemake
+from tests.test_build_pipeline import CONFIG, SNAKEFILE, finished, shard_bytes, snakemake
 from tests.test_download import image_bytes, write_metadata
-
-SNAKEFILE = f"""
-configfile: "{REPO}/configs/config.yaml"
-
-
-include: "{REPO}/pipelines/common.smk"
-include: "{REPO}/pipelines/download.smk"
-include: "{REPO}/pipelines/shards.smk"
-
-
-rule target:
-    input:
-        built("cc12m"),
-"""
 
 
 def bucket_objects(s3, bucket: str, prefix: str) -> dict[str, bytes]:
