@@ -615,12 +615,14 @@ def evaluate_colours_cmd(
 
 @app.command("collection")
 def collection_cmd(
-    root: Annotated[Path, typer.Argument(help="the collection folder (family folders inside)")],
+    root: Annotated[str, typer.Argument(help="the collection folder (family folders inside)")],
 ) -> None:
     """Index a checkpoint collection: index.json, README.md front page, lineage.png, flags."""
+    from dalle_data import locations
     from dalle_data.collection.index import FRONT_PAGE, write_index
 
-    index = write_index(root)
+    folder = locations.local_only(root, "collection ROOT")
+    index = write_index(folder)
     entries = index["checkpoints"]
     for entry in entries:
         for problem in entry["problems"]:
@@ -629,7 +631,7 @@ def collection_cmd(
         typer.echo(f"flag: {problem}")
     typer.echo(
         f"{len(entries)} checkpoints, {len(index['eval_sets'])} eval sets; "
-        f"front page: {root / FRONT_PAGE}"
+        f"front page: {folder / FRONT_PAGE}"
     )
 
 
@@ -638,20 +640,22 @@ def publish_cmd(
     checkpoint_dir: Annotated[
         Path, typer.Argument(help="a train-extend output folder, <output_dir>/<family>/<name>")
     ],
-    root: Annotated[Path, typer.Argument(help="the collection folder")],
+    root: Annotated[str, typer.Argument(help="the collection folder")],
 ) -> None:
     """Copy a checkpoint folder into ROOT/<family>/<name>/ (verified, atomic) and re-index."""
+    from dalle_data import locations
     from dalle_data.collection.index import FRONT_PAGE
     from dalle_data.collection.publish import publish
 
-    result = publish(checkpoint_dir, root)
+    folder = locations.local_only(root, "publish ROOT")
+    result = publish(checkpoint_dir, folder)
     verb = "published" if result["published"] else "already published (same sha256)"
-    typer.echo(f"{verb}: {result['path']}; front page: {root / FRONT_PAGE}")
+    typer.echo(f"{verb}: {result['path']}; front page: {folder / FRONT_PAGE}")
 
 
 @app.command("serve")
 def serve_cmd(
-    root: Annotated[Path, typer.Argument(help="the collection folder (its index.json)")],
+    root: Annotated[str, typer.Argument(help="the collection folder (its index.json)")],
     host: Annotated[
         str, typer.Option(help="address to listen on; 0.0.0.0 opens it to the network")
     ] = "127.0.0.1",
@@ -674,12 +678,13 @@ def serve_cmd(
     Point dalle-service's front-end at it with
     https://rom1504.github.io/dalle-service/?back=http://127.0.0.1:8000
     """
+    from dalle_data import locations
     from dalle_data.serve.app import Settings, serve
     from dalle_data.serve.models import VqganFiles
 
     serve(
         Settings(
-            root=root,
+            root=locations.local_only(root, "serve ROOT"),
             host=host,
             port=port,
             max_images=max_images,

@@ -86,6 +86,18 @@ def normalize(location: Location) -> str | Path:
     return text.rstrip("/")
 
 
+def local_only(location: Location, what: str) -> Path:
+    """``location`` as a local ``Path``; a URL is refused with a sentence naming ``what``
+    (for the commands that do not read or write buckets yet)."""
+    target = normalize(location)
+    if not isinstance(target, Path):
+        raise LocationError(
+            f"{what} {target}: a bucket or HTTP location is not supported here yet: copy it to "
+            "a local folder first (and back with `dalle-data put FOLDER URL`)"
+        )
+    return target
+
+
 def join(location: Location, *parts: str) -> str | Path:
     """``location / part / ...`` for a path or a URL."""
     base = normalize(location)

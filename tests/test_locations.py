@@ -96,3 +96,17 @@ def test_http_is_read_only() -> None:
             locations.write_bytes(url, b"no")
         with pytest.raises(locations.LocationError, match="does not exist"):
             locations.read_bytes(server.url("/x/missing"))
+
+
+def test_commands_without_bucket_support_refuse_a_url_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from dalle_data.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    for args in (["collection", "s3://b/models"], ["publish", str(tmp_path), "gs://b/models"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1 and "not supported here yet" in result.output
+    assert list(tmp_path.iterdir()) == []  # no local "s3:" folder made by mistake
