@@ -14,8 +14,9 @@ Both paths get the same prompts in the same chunks after ``torch.manual_seed``; 
 token ids each path hands to ``vae.decode`` are recorded and compared. DALLE-pytorch runs
 once per case (it is the slow one), ours three times (median). Both paths run with one
 intra-op thread, as bench_train.py trains: on a shared 2-core machine two threads turn
-every small step into a wait for the busy core (measured under load 12: ours 40x slower
-with 2 threads than with 1; the models here are too small to gain from a second thread).
+every small step into a wait for the busy core (seen here: ours took 14.7 s for the demo
+grid with two threads at load 11, 0.16 s with one thread at load 1; these models are too
+small to gain from a second thread).
 
     .venv/bin/python benchmarks/bench_generate.py
     .venv/bin/python benchmarks/bench_generate.py --clip-images 4   # a quick run
