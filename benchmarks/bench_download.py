@@ -80,13 +80,21 @@ def photos(n: int = 128) -> list[bytes]:
     return out
 
 
-def _floor_chunk(bodies: list[bytes]) -> int:
-    """Decode (DCT-scaled where it can be), area-resize and encode each body; the count done."""
+_FLOOR_BODIES: list[bytes] = []
+
+
+def _floor_init(bodies: list[bytes]) -> None:
+    _FLOOR_BODIES[:] = bodies
     cv2.setNumThreads(1)
+
+
+def _floor_chunk(indices: list[int]) -> int:
+    """Decode (DCT-scaled where it can be), area-resize and encode bodies; the count done."""
     reduced = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}
     reduced[8] = cv2.IMREAD_REDUCED_COLOR_8
     done = 0
-    for body in bodies:
+    for i in indices:
+        body = _FLOOR_BODIES[i % len(_FLOOR_BODIES)]
         with Image.open(io.BytesIO(body)) as header:
             width, height = header.size
         scale = next((s for s in (8, 4, 2) if -(-min(width, height) // s) > IMAGE_SIZE), 1)
@@ -100,12 +108,17 @@ def _floor_chunk(bodies: list[bytes]) -> int:
     return done
 
 
-def floor_rate(bodies: list[bytes], processes: int = 2) -> tuple[float, int]:
-    """Seconds and images of the tight decode + resize + encode loop over ``bodies``."""
-    chunks = [bodies[i::processes] for i in range(processes)]
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
+def floor_rate(distinct: list[bytes], n: int, processes: int = 2) -> tuple[float, int]:
+    """Seconds and images of the tight decode + resize + encode loop over the ``n`` URLs' bodies.
+
+    Spawned workers (a fork of this threaded, OpenCV-using process can deadlock) get the
+    distinct bodies once, before the clock starts; each then works through its share.
+    """
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes, initializer=_floor_init, initargs=(distinct,)) as pool:
+        pool.map(_floor_chunk, [[0]] * processes)  # workers up and warm
         start = time.perf_counter()
-        done = sum(pool.map(_floor_chunk, chunks))
+        done = sum(pool.map(_floor_chunk, [list(range(i, n, processes)) for i in range(processes)]))
         seconds = time.perf_counter() - start
     return seconds, done
 
@@ -251,7 +264,7 @@ def run_set(title: str, distinct: list[bytes], n: int, what: str, goal: float) -
         before_s, plain_n = plain_img2dataset(urls, work / "plain_before")
         pipe_s, pipe_n, stages = pipeline(f"{base}/cc12m.tsv", work / "pipe_run")
         after_s, after_n = plain_img2dataset(urls, work / "plain_after")
-        floor_s, floor_n = floor_rate([bodies[u.removeprefix(base)] for u in urls])
+        floor_s, floor_n = floor_rate(distinct, n)
         shards = sorted((work / "pipe_run" / "data" / "cc12m" / "shards").glob("*.tar"))
         pipe_psnr = psnr_of_tars(shards, bodies, base)
         plain_psnr = psnr_of_tars(
