@@ -132,10 +132,14 @@ def reference(body: bytes) -> np.ndarray:
     return resize(image=img)["image"]
 
 
-def psnr_of_tars(tars: list[Path], bodies: dict[str, bytes], base: str) -> tuple[float, float]:
-    """Minimum and mean PSNR (dB) of every stored .jpg against ``reference`` of its source."""
+def psnr_of_tars(
+    tars: list[Path], bodies: dict[str, bytes], base: str
+) -> tuple[float, float, dict[str, bytes]]:
+    """Minimum and mean PSNR (dB) of every stored .jpg against ``reference`` of its source,
+    and the stored .jpg bytes by URL."""
     refs: dict[int, np.ndarray] = {}
     values = []
+    stored = {}
     for path in tars:
         with tarfile.open(path) as tar:
             members = {m.name: m for m in tar.getmembers()}
@@ -144,12 +148,13 @@ def psnr_of_tars(tars: list[Path], bodies: dict[str, bytes], base: str) -> tuple
                     continue
                 url = json.loads(tar.extractfile(member).read())["url"]  # type: ignore[union-attr]
                 jpg = tar.extractfile(members[name[: -len(".json")] + ".jpg"]).read()  # type: ignore[union-attr]
+                stored[url] = jpg
                 body = bodies[url.removeprefix(base)]
                 ref = refs.setdefault(id(body), reference(body))
                 ours = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_UNCHANGED)
                 mse = float(np.mean((ours.astype(np.float64) - ref) ** 2))
                 values.append(10 * np.log10(255**2 / mse) if mse else float("inf"))
-    return min(values), float(np.mean(values))
+    return min(values), float(np.mean(values)), stored
 
 
 def serve(bodies: dict[str, bytes]) -> http.server.ThreadingHTTPServer:
@@ -272,6 +277,7 @@ def run_set(title: str, distinct: list[bytes], n: int, what: str, goal: float) -
         )
     server.shutdown()
     loads.append(os.getloadavg()[0])
+    same = sum(plain_psnr[2].get(url) == jpg for url, jpg in pipe_psnr[2].items())
     plain_s = (before_s + after_s) / 2
     plain_rate, pipe_rate = (plain_n / before_s + after_n / after_s) / 2, pipe_n / pipe_s
     floor = floor_n / floor_s
@@ -320,7 +326,8 @@ def run_set(title: str, distinct: list[bytes], n: int, what: str, goal: float) -
 Quality, PSNR of each stored image against a full decode + area resize of its source
 (min / mean over {pipe_n} images): pipeline {pipe_psnr[0]:.1f} / {pipe_psnr[1]:.1f} dB
 (goal >= 38), plain img2dataset {plain_psnr[0]:.1f} / {plain_psnr[1]:.1f} dB (its JPEG
-encode alone).
+encode alone). {same} of the pipeline's {pipe_n} images are byte for byte plain img2dataset's
+(those too small for a DCT-scaled decode: a shorter side under 2 x 256 + 1 px).
 
 Where the pipeline's time goes (each rule's command, from Snakemake's `benchmark:` files):
 
