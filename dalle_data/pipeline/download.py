@@ -174,6 +174,8 @@ class DownloadSettings:
             "min_image_size": self.min_image_size,
             "max_aspect_ratio": self.max_aspect_ratio,
             "max_image_pixels": MAX_IMAGE_PIXELS,
+            # compat.for_img2dataset: large JPEGs are decoded at 1/2-1/8 scale
+            "jpeg_decode": "dct-scaled",
         }
 
 
