@@ -116,20 +116,42 @@ def spark_options(download):
     return " ".join(args)
 
 
+def polite_options(download):
+    """User-Agent contact, per-host request rate and retry rounds for `dalle-data download`."""
+    args = [
+        f"--retry-rounds {download['retry_rounds']}",
+        f"--retry-after-max {download['retry_after_max']}",
+        f"--retry-backoff {download['retry_backoff']}",
+    ]
+    if download.get("contact"):
+        args.append(f"--contact {shlex.quote(download['contact'])}")
+    if download.get("max_requests_per_second_per_host"):
+        args.append(
+            f"--max-requests-per-second-per-host {download['max_requests_per_second_per_host']}"
+        )
+    return " ".join(args)
+
+
 # Shards (pipelines/shards.smk).
 
 
 def downloaded_parts(wildcards):
-    """Every part folder the download plan of this dataset calls for."""
+    """The record of every part the download plan of this dataset calls for."""
     plan = checkpoints.plan_download.get(dataset=wildcards.dataset).output.plan
     with open(plan) as fh:
         parts = json.load(fh)["parts"]
-    return [f"{OUT}/{wildcards.dataset}/downloaded/{p['name']}" for p in parts]
+    return [f"{OUT}/{wildcards.dataset}/downloaded/{p['name']}.json" for p in parts]
 
 
 # Training (pipelines/train.smk).
 
 TRAIN = config.get("train", {})
+
+
+def all_cores(wildcards):
+    """A training rule's threads: every core --cores gives. A function, so it is asked only
+    for a job to run: `snakemake --unlock` and other commands without --cores still work."""
+    return workflow.cores
 
 
 @functools.cache

@@ -31,27 +31,33 @@ checkpoint plan_download:
 
 
 rule download:
-    """One part through img2dataset; a finished part is never downloaded again."""
+    """One part through img2dataset, then retry rounds for rows that failed for a reason that
+    can pass. Its images live in downloaded/<part>/ (kept when the rule reruns: a rerun,
+    e.g. --forcerun download, fetches only rows still failing retryably); the output is
+    the part's record."""
     input:
         f"{OUT}/{{dataset}}/download/parts/{{part}}.parquet",
     output:
-        directory(f"{OUT}/{{dataset}}/downloaded/{{part}}"),
+        f"{OUT}/{{dataset}}/downloaded/{{part}}.json",
     threads: config["download"]["processes"]
     resources:
         http=1,
     params:
+        out=subpath(output[0], strip_suffix=".json"),
         image_size=lambda wc: dataset_image_size(wc.dataset),
         d=config["download"],
+        polite=polite_options(config["download"]),
         spark=spark_options(config["download"]),
     log:
         f"{OUT}/{{dataset}}/logs/download/{{part}}.log",
     benchmark:
         f"{OUT}/{{dataset}}/benchmarks/download/{{part}}.tsv"
     shell:
-        "dalle-data download --part {input} --out {output} --image-size {params.image_size}"
+        "dalle-data download --part {input} --out {params.out} --image-size {params.image_size}"
         " --processes {threads} --thread-count {params.d[thread_count]}"
         " --timeout {params.d[timeout]} --retries {params.d[retries]}"
         " --min-image-size {params.d[min_image_size]}"
         " --max-aspect-ratio {params.d[max_aspect_ratio]}"
         " --distributor {params.d[distributor]}"
-        " --user-agent-token {params.d[user_agent_token]} {params.spark} > {log} 2>&1"
+        " --user-agent-token {params.d[user_agent_token]} {params.polite} {params.spark}"
+        " > {log} 2>&1"
