@@ -62,19 +62,22 @@ class HostSchedule:
         self.folder = Path(folder)
         self.interval = 1.0 / rate
 
-    def wait(self, host: str) -> None:
-        """Block until this request may start; the next one to ``host`` starts later."""
+    def reserve(self, host: str) -> float:
+        """Take the next start time for a request to ``host`` (``time.time()`` scale)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / re.sub(r"[^a-z0-9.:-]", "_", host), os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             raw = os.pread(fd, 8, 0)
-            now = time.time()
-            start = max(now, struct.unpack("<d", raw)[0] if len(raw) == 8 else 0.0)
+            start = max(time.time(), struct.unpack("<d", raw)[0] if len(raw) == 8 else 0.0)
             os.pwrite(fd, struct.pack("<d", start + self.interval), 0)
         finally:
             os.close(fd)
-        time.sleep(start - now)
+        return start
+
+    def wait(self, host: str) -> None:
+        """Block until a request to ``host`` may start."""
+        time.sleep(max(0.0, self.reserve(host) - time.time()))
 
 
 @dataclass(frozen=True)
