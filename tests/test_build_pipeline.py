@@ -44,6 +44,7 @@ download:
   thread_count: 8
   timeout: 5
   rows_per_part: 6
+  retry_rounds: 0
 """
 RESULTS = [
     "manifest.json",
@@ -116,7 +117,12 @@ def test_kill9_resume_gives_same_bytes_as_other_split(tmp_path: Path) -> None:
         finished(snakemake(work, "--unlock"))
         finished(snakemake(work, "--cores", "2", "target"))
         assert (done / "00000.tar").stat().st_mtime_ns == first_part  # reused, not redone
-        assert sorted(p.name for p in downloaded.iterdir()) == ["part-00000", "part-00001"]
+        assert sorted(p.name for p in downloaded.iterdir()) == [
+            "part-00000",
+            "part-00000.json",
+            "part-00001",
+            "part-00001.json",
+        ]
         resumed = shard_bytes(work / "data" / "cc12m" / "shards")
         assert (work / "data" / "cc12m" / "shards" / "verify.json").is_file()
 

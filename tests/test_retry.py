@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import email.utils
 import json
+import os
+import shutil
+import signal
 import socket
 import ssl
+import time
 import urllib.error
 from collections.abc import Iterator
 from email.message import Message
@@ -67,9 +71,9 @@ def rows_for(server: LocalServer) -> list[dict]:
     ]
 
 
-def reproducible(shards: Path) -> dict[str, bytes]:
+def reproducible(shards: Path, dataset: str = "test") -> dict[str, bytes]:
     """What must not depend on when an image came: shards, manifest and side tables."""
-    names = sorted(p.name for p in shards.glob("test-*.tar"))
+    names = sorted(p.name for p in shards.glob(f"{dataset}-*.tar"))
     names += ["manifest.json", "failures.parquet", "index.parquet"]
     return {name: (shards / name).read_bytes() for name in names}
 
@@ -284,3 +288,59 @@ def test_rate_per_host_holds_across_processes(
     assert max(s.at for s in quiet.seen) < sorted(s.at for s in busy.seen)[-10]
     agents = {s.user_agent for s in busy.seen + quiet.seen}
     assert agents == {user_agent("dalle-data-test", "https://example.org/crawler")}
+
+
+@pytest.mark.slow
+def test_snakemake_kill9_in_a_retry_round_then_more_rounds_once_the_host_is_back(
+    tmp_path: Path, server: LocalServer
+) -> None:
+    """`snakemake --cores N target`: killed while a retry round waits, unlocked, run again
+    (the bytes of an uninterrupted run); then, the 503 host back, rerun with more rounds
+    (only its row is fetched, finalize reruns, the bytes of a first-time answer)."""
+    from tests.test_build_pipeline import CONFIG, SNAKEFILE, finished, snakemake
+
+    down = Route(handler=in_turn(Route(b"busy", status=503)))
+    work = tmp_path / "work"
+    ds_dir = work / "data" / "cc12m"
+    write_metadata(ds_dir, rows_for(server), {})
+    (work / "Snakefile").write_text(SNAKEFILE)
+    config = CONFIG.replace("rows_per_part: 6", "rows_per_part: 100")
+    (work / "extra.yaml").write_text(
+        config.replace("retry_rounds: 0", "retry_rounds: 1\n  retry_backoff: 0.1")
+    )
+    shards = ds_dir / "shards"
+
+    def expected(name: str, routes: dict[str, Route]) -> dict[str, bytes]:
+        """An uninterrupted library build of the same rows against ``routes``."""
+        listen(server, routes)
+        other = tmp_path / name / "cc12m"
+        shutil.copytree(ds_dir / "metadata", other / "metadata")
+        build(other, rows_per_part=100, dataset="cc12m", retry_rounds=0)
+        return reproducible(other / "shards", "cc12m")
+
+    still_down = expected("still_down", {**answering_routes(), "/flaky.jpg": down})
+    all_back = expected("all_back", answering_routes())
+
+    listen(server, {**pushing_back_routes(), "/flaky.jpg": down})
+    proc = snakemake(work, "--cores", "1", "target")
+    planned = ds_dir / "downloaded" / "part-00000" / "rounds" / "1.parquet"
+    deadline = time.monotonic() + 300
+    while not planned.exists():  # round 1 waits out /slow.jpg's Retry-After
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "the build never planned a retry round"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished(snakemake(work, "--unlock"))
+    finished(snakemake(work, "--cores", "1", "target"))
+    assert reproducible(shards, "cc12m") == still_down
+    assert server.requests.count("/slow.jpg") == 2  # once refused, once after the wait
+
+    listen(server, answering_routes())
+    (work / "extra.yaml").write_text(config.replace("retry_rounds: 0", "retry_rounds: 2"))
+    finished(snakemake(work, "--cores", "1", "target"))
+    assert server.requests == ["/flaky.jpg"]
+    assert reproducible(shards, "cc12m") == all_back
+    facts = json.loads((shards / "build.json").read_text())["retry_rounds"]
+    assert facts["recovered"] == {"http_429": 1, "http_5xx": 1}
+    assert "| 2 | 1 | 1 |" in (shards / "README.md").read_text()  # round 2: 1 part, 1 row
