@@ -124,7 +124,7 @@ def img2dataset_fetch(fetch: Callable[..., Any]) -> Iterator[None]:
     ``(key, BytesIO or None, error message or None)``.
     """
     # img2dataset/__init__.py binds the name ``main`` to a function: take the module.
-    main = importlib.import_module("img2dataset.main")
+    main: Any = importlib.import_module("img2dataset.main")
     original = main.Downloader
 
     def downloader(*args: Any, **kwargs: Any) -> _FetchingDownloader:

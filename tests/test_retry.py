@@ -214,7 +214,7 @@ def test_reason_of_each_kind_of_failure(error: BaseException, reason: str) -> No
 
 
 def test_retryable_reasons_are_the_transient_ones() -> None:
-    assert RETRYABLE == {"http_429", "http_5xx", "timeout", "dns", "connection"}
+    assert {"http_429", "http_5xx", "timeout", "dns", "connection"} == RETRYABLE
 
 
 def test_retry_after_seconds_or_http_date() -> None:

@@ -31,6 +31,7 @@ CAPTION_LENGTHS = "caption_lengths.png"
 IMAGE_SIZES = "image_sizes.png"
 SHEET_SAMPLES = 16
 
+
 def write_card(shards_dir: Path) -> Path:
     """Write ``README.md`` and its three PNGs beside the shards; return the card's path."""
     shards_dir = Path(shards_dir)

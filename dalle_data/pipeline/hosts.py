@@ -115,7 +115,9 @@ class Fetch:
                     return key, None, tagged("x_robots_tag_opt_out", message)
                 return key, io.BytesIO(answer.read()), None
         except Exception as err:  # noqa: BLE001 (every failure becomes a counted reason)
-            after = err.headers.get("Retry-After") if isinstance(err, urllib.error.HTTPError) else None
+            after = (
+                err.headers.get("Retry-After") if isinstance(err, urllib.error.HTTPError) else None
+            )
             return key, None, tagged(reason_of(err), str(err), after)
 
 
@@ -137,7 +139,6 @@ def reason_of(err: BaseException) -> str:
     if isinstance(cause, ConnectionError | http.client.HTTPException | ssl.SSLError):
         return "connection"
     return failure_reason(str(err))
-
 
 
 def host_order(urls: list[str | None], chunks: int) -> list[int]:

@@ -71,7 +71,9 @@ def download_with_retries(part: Path, out_dir: Path, settings: DownloadSettings)
                 print(f"round {k}: {facts['rows']} rows again in {pause:.1f} s", flush=True)
                 time.sleep(pause)
             started = time.time()
-            download_part(rounds_dir / f"{k}.parquet", rounds_dir / str(k), settings, scratch=scratch)
+            download_part(
+                rounds_dir / f"{k}.parquet", rounds_dir / str(k), settings, scratch=scratch
+            )
             facts["seconds"] = round(time.time() - started, 3)
             write_json(rounds_dir / STATE, state)
         state["target"] = None
@@ -121,9 +123,7 @@ def _plan_round(
     }
 
 
-def round_wait(
-    errors: list[str | None], k: int, settings: DownloadSettings, ended: float
-) -> float:
+def round_wait(errors: list[str | None], k: int, settings: DownloadSettings, ended: float) -> float:
     """Seconds after the last round ended before round ``k`` may start.
 
     The longest Retry-After the servers asked for; for failures without one, an

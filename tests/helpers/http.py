@@ -101,7 +101,6 @@ class LocalServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-
     def times(self, path: str) -> list[float]:
         """When each request for ``path`` came."""
         return [s.at for s in self.seen if s.path == path]
