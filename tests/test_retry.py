@@ -147,7 +147,15 @@ def test_rerun_fetches_only_rows_that_failed_retryably(
     assert retry_after(slow["error"]) == "1" and failure_reason(slow["error"]) == "http_429"
 
     listen(server, answering_routes())
-    settings = DownloadSettings(image_size=IMAGE_SIZE, timeout=TIMEOUT, retry_rounds=1)
+    # Other processes and a rate limit cut and order img2dataset's input otherwise: the
+    # finished first round stands all the same.
+    settings = DownloadSettings(
+        image_size=IMAGE_SIZE,
+        timeout=TIMEOUT,
+        retry_rounds=1,
+        processes=2,
+        max_requests_per_second_per_host=50,
+    )
     part = ds_dir / "download" / "parts" / "part-00000.parquet"
     record = download_with_retries(part, ds_dir / "downloaded" / "part-00000", settings)
     assert sorted(server.requests) == ["/flaky.jpg", "/slow.jpg"]  # not the whole part

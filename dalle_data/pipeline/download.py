@@ -238,7 +238,7 @@ def download_part(
         INPUT_ORDER: "host_rate" if rate else "row",
         **settings.output_affecting(),
     }
-    if _finished(out_dir, params, expected):
+    if _finished(out_dir, params):
         return _stats(out_dir, part)
     if partial.exists() and (
         not params_path.is_file() or json.loads(params_path.read_text()) != params
@@ -264,13 +264,19 @@ def download_part(
     return _stats(out_dir, part)
 
 
-def _finished(out_dir: Path, params: dict[str, Any], shards: int) -> bool:
+def _finished(out_dir: Path, params: dict[str, Any]) -> bool:
+    """Whether ``out_dir`` holds every row of the part with the same output-affecting
+    settings, however its rows were cut into img2dataset shards (processes, rate limit)."""
     path = out_dir / PARAMS
-    return (
-        path.is_file()
-        and json.loads(path.read_text()) == params
-        and len(list(out_dir.glob("*_stats.json"))) == shards
-    )
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text())
+    cut = ("samples_per_shard", INPUT_ORDER)
+    same = {k: v for k, v in saved.items() if k not in cut} == {
+        k: v for k, v in params.items() if k not in cut
+    }
+    shards = math.ceil(saved["rows"] / saved["samples_per_shard"])
+    return same and len(list(out_dir.glob("*_stats.json"))) == shards
 
 
 def _stats(out_dir: Path, part: Path) -> dict[str, Any]:
