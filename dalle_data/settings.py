@@ -27,6 +27,11 @@ DOWNLOAD_OPTIONS = (
     "max_aspect_ratio",
     "distributor",
     "user_agent_token",
+    "contact",
+    "max_requests_per_second_per_host",
+    "retry_rounds",
+    "retry_after_max",
+    "retry_backoff",
 )
 # The bundled offline source: a local `sample.tsv` that `dalle-data make-sample` writes.
 SAMPLE_SOURCE = "sample.tsv"
@@ -96,7 +101,8 @@ class DatasetSettings:
         d = self.download
         args = ["--image-size", str(self.image_size)]
         for key in DOWNLOAD_OPTIONS:
-            args += [f"--{key.replace('_', '-')}", str(d[key])]
+            if d[key] is not None:  # null: the option's own "none" (no contact, no limit)
+                args += [f"--{key.replace('_', '-')}", str(d[key])]
         if d.get("spark_master"):
             args += ["--spark-master", d["spark_master"]]
         for key, value in sorted(d.get("spark_conf", {}).items()):
