@@ -16,7 +16,13 @@ from typer.testing import CliRunner
 
 from dalle_data.cli import app
 from dalle_data.pipeline import filter_stage, filters
-from dalle_data.pipeline.captions import FTFY_CONFIG, clean_caption, clean_captions
+from dalle_data.pipeline.captions import (
+    FTFY_CONFIG,
+    MOJIBAKE_REACH,
+    clean_caption,
+    clean_captions,
+    looks_like_mojibake,
+)
 from dalle_data.pipeline.filter_stage import FilterOptions, run
 from dalle_data.pipeline.filters import (
     BlocklistFilter,
@@ -127,6 +133,45 @@ def _unescape(text: str) -> str:
     import html
 
     return html.unescape(text)
+
+
+
+def test_every_mojibake_pattern_is_short_and_holds_a_non_ascii_character() -> None:
+    """What looks_like_mojibake relies on, checked on the installed ftfy's pattern."""
+    from re import _constants as sre
+    from re import _parser
+
+    def non_ascii(op: object, arg: object) -> bool:
+        if op is sre.LITERAL:
+            return arg >= 128  # type: ignore[operator]
+        if op is sre.IN:
+            return all(
+                (o is sre.LITERAL and a >= 128) or (o is sre.RANGE and a[0] >= 128)
+                for o, a in arg  # type: ignore[attr-defined]
+            )
+        return False
+
+    pattern = ftfy.badness.BADNESS_RE
+    parsed = _parser.parse(pattern.pattern, pattern.flags)
+    assert parsed.getwidth()[1] <= MOJIBAKE_REACH
+    [(op, (_, branches))] = list(parsed)
+    assert op is sre.BRANCH
+    for branch in branches:
+        assert any(non_ascii(o, a) for o, a in branch), branch
+        # Only "^" (start of text) is anchored; search(text, pos, endpos) keeps its meaning.
+        assert all(a is sre.AT_BEGINNING for o, a in branch if o is sre.AT), branch
+
+
+_MOJIBAKE_TEXT = st.text(
+    alphabet=st.sampled_from(list("ab Z.,!?\n\t°ÃÂâ€™œŒ©é¨´ðŸ˜¢£¥×²ØÙàà√±≈‚ÄвЂВГРСβΒΓΞΟā\xa0\x85")),
+    max_size=40,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_MOJIBAKE_TEXT)
+def test_mojibake_check_near_non_ascii_equals_ftfy(text: str) -> None:
+    assert looks_like_mojibake(text) == ftfy.badness.is_bad(text)
 
 
 def test_caption_length_and_blocklist() -> None:

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-FTFY_CONFIG = ftfy.TextFixerConfig(unescape_html=False)
+# explain=False: ftfy's explanation steps are never read, only built.
+FTFY_CONFIG = ftfy.TextFixerConfig(unescape_html=False, explain=False)
 
 # Bytes after which a caption may change under cleaning: anything but printable ASCII, and
 # "&" (HTML entities). Captions without them, and without doubled or edge spaces, are
@@ -31,6 +32,11 @@ _FTFY_TOUCHES = re.compile(
     "\u01f1-\u01f3\ufb00-\ufb06\u3000\uff01-\uffef\u2018-\u201f\u2028\u2029\ud800-\udfff"
     "\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff\ufff9-\ufffc]"
 )
+# Each pattern of ftfy's mojibake heuristic (ftfy.badness.BADNESS_RE) holds a non-ASCII
+# character and spans at most this many characters (tests/test_filters.py checks both on
+# the installed ftfy), so every match lies this close to a non-ASCII character.
+MOJIBAKE_REACH = 7
+_NON_ASCII = re.compile("[^\x00-\x7f]+")
 
 
 def clean_caption(text: str) -> str:
@@ -51,8 +57,26 @@ def _needs_ftfy(text: str) -> bool:
     return (
         bool(_FTFY_TOUCHES.search(text))
         or not unicodedata.is_normalized("NFC", text)
-        or (not text.isascii() and ftfy.badness.is_bad(text))
+        or (not text.isascii() and looks_like_mojibake(text))
     )
+
+
+def looks_like_mojibake(text: str) -> bool:
+    """``ftfy.badness.is_bad(text)``, searching only around the non-ASCII characters: the
+    whole-caption search costs ~60 us, mostly on ASCII words that can never match."""
+    bad = ftfy.badness.BADNESS_RE
+    start = end = -1
+    for run in _NON_ASCII.finditer(text):
+        lo, hi = max(0, run.start() - MOJIBAKE_REACH + 1), run.end() + MOJIBAKE_REACH - 1
+        if lo > end >= 0:
+            # search(text, pos, endpos): "^" still means the real start of the text.
+            if bad.search(text, start, end):
+                return True
+            start = lo
+        elif end < 0:
+            start = lo
+        end = hi
+    return end >= 0 and bool(bad.search(text, start, end))
 
 
 def rows_needing_python(captions: pa.Array) -> np.ndarray:
