@@ -83,8 +83,7 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
     ]
     if any(w.strip() for w in options.blocklist):
         caption_units.append(BlocklistFilter(list(options.blocklist)))
-    codes = np.zeros(0, dtype=np.uint8)
-    duplicates = DuplicateUrlFilter(lambda pos: _take_urls(source, np.flatnonzero(codes == 0)[pos]))
+    duplicates = DuplicateUrlFilter()
     codes = _url_pass(source, url_units, duplicates)
 
     workers = options.workers or len(os.sched_getaffinity(0))
@@ -98,23 +97,29 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
         _caption_executor(workers, batches) as pool,
     ):
         _copy_normalize_dropped(metadata_dir, dropped_writer)
-        exclusions = Exclusions(dropped_writer, reasons)
+        # Drops are held per batch and written batch by batch, whatever the number of workers.
+        held = _Held()
+        exclusions = Exclusions(held, reasons)
+        finish = (caption_units, exclusions, held, dropped_writer, writer)
         output_rows = 0
-        pending: deque[tuple[pa.Table, Future[pa.Array]]] = deque()
+        pending: deque[tuple[pa.Table, list[pa.Table], Future[pa.Array]]] = deque()
         offset = 0
         for rows in _batches(source, "filter"):
             code = codes[offset : offset + rows.num_rows]
             offset += rows.num_rows
             for i, unit in enumerate(url_units, start=1):
-                exclusions.drop(unit.name, rows.filter(pa.array(code == i)))
-            rows = duplicates.apply(rows.filter(pa.array(code == 0)), exclusions)
+                if (code == i).any():
+                    exclusions.drop(unit.name, rows.filter(pa.array(code == i)))
+            if code.any():
+                rows = rows.filter(pa.array(code == 0))
+            rows = duplicates.apply(rows, exclusions)
             # Batch k's captions are cleaned in a worker while batch k+1 is read.
             captions = rows.column("caption").combine_chunks()
-            pending.append((rows, pool.submit(clean_captions, captions)))
+            pending.append((rows, held.take(), pool.submit(clean_captions, captions)))
             if len(pending) > workers:
-                output_rows += _finish(*pending.popleft(), caption_units, exclusions, writer)
+                output_rows += _finish(*pending.popleft(), *finish)
         while pending:
-            output_rows += _finish(*pending.popleft(), caption_units, exclusions, writer)
+            output_rows += _finish(*pending.popleft(), *finish)
     settings = {
         "allow_file_urls": options.allow_file_urls,
         "min_words": options.min_words,
@@ -170,17 +175,37 @@ class _Inline(Executor):
         return future
 
 
+class _Held:
+    """Where Exclusions puts dropped rows until the batch they belong to is written."""
+
+    def __init__(self) -> None:
+        self.tables: list[pa.Table] = []
+
+    def write_table(self, table: pa.Table) -> None:
+        self.tables.append(table)
+
+    def take(self) -> list[pa.Table]:
+        tables, self.tables = self.tables, []
+        return tables
+
+
 def _finish(
     rows: pa.Table,
+    dropped: list[pa.Table],
     cleaned: Future[pa.Array],
     units: list[Filter],
     exclusions: Exclusions,
+    held: _Held,
+    dropped_writer: pq.ParquetWriter,
     writer: pq.ParquetWriter,
 ) -> int:
-    """Put the cleaned captions in, run the caption filters, write the survivors."""
+    """Put the cleaned captions in, run the caption filters, write the batch's drops (those
+    held from the URL filters first) and survivors."""
     rows = rows.set_column(rows.schema.get_field_index("caption"), "caption", cleaned.result())
     for unit in units:
         rows = unit.apply(rows, exclusions)
+    for table in [*dropped, *held.take()]:
+        dropped_writer.write_table(table)
     writer.write_table(rows.cast(SCHEMA))
     return rows.num_rows
 
@@ -197,18 +222,6 @@ def _batches(source: pq.ParquetFile, desc: str) -> Iterator[pa.Table]:
         for batch in source.iter_batches(batch_size=BATCH_ROWS):
             bar.update(batch.num_rows)
             yield pa.Table.from_batches([batch])
-
-
-def _take_urls(source: pq.ParquetFile, positions: np.ndarray) -> list[str]:
-    """URLs at sorted row ``positions``, reading one batch of the url column at a time."""
-    urls: list[str] = []
-    offset = 0
-    for batch in source.iter_batches(batch_size=BATCH_ROWS, columns=["url"]):
-        lo, hi = np.searchsorted(positions, [offset, offset + batch.num_rows])
-        if hi > lo:
-            urls.extend(batch.column(0).take(pa.array(positions[lo:hi] - offset)).to_pylist())
-        offset += batch.num_rows
-    return urls
 
 
 def report(metadata_dir: Path, filter_record: dict[str, Any]) -> dict[str, Any]:

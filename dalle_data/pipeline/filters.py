@@ -12,13 +12,12 @@ import re
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from dalle_data.errors import DalleDataError
 from dalle_data.pipeline.captions import word_counts
@@ -32,10 +31,14 @@ class FilterError(DalleDataError):
     """Bad filter input or options; the message names the file or value and the fix."""
 
 
+class TableWriter(Protocol):
+    def write_table(self, table: pa.Table) -> None: ...
+
+
 class Exclusions:
     """Where dropped rows go: counted per reason and written to dropped.parquet."""
 
-    def __init__(self, writer: pq.ParquetWriter, reasons: list[str]) -> None:
+    def __init__(self, writer: TableWriter, reasons: list[str]) -> None:
         self.writer = writer
         self.counts: Counter[str] = Counter({reason: 0 for reason in reasons})
 
@@ -58,6 +61,8 @@ class Filter(ABC):
     def apply(self, rows: pa.Table, exclusions: Exclusions) -> pa.Table:
         """The rows this filter keeps; the others are counted and excluded."""
         mask = self.keep(rows)
+        if mask.null_count == 0 and pc.all(mask).as_py() is not False:
+            return rows  # nothing dropped: no copy of the batch
         exclusions.drop(self.name, rows.filter(pc.invert(mask)))
         return rows.filter(mask)
 
@@ -179,29 +184,37 @@ class DuplicateUrlFilter(Filter):
 
     Which row is first is a property of the whole table, so :meth:`see` is shown every batch
     (in row order) before any :meth:`keep`; rows must then come to :meth:`keep` in the same
-    order. Memory: one 64-bit hash per row seen.
+    order. Only rows whose 64-bit URL hash is shared are compared by URL, as they come to
+    :meth:`keep`. Memory: one hash per row seen, then the URLs of those rows.
     """
 
     name = "duplicate_url"
     columns = ("url",)
 
-    def __init__(self, urls_of: Any) -> None:
-        """``urls_of(positions)``: the URLs of rows at sorted positions among those seen."""
-        self.urls_of = urls_of
+    def __init__(self) -> None:
         self.hashes: list[np.ndarray] = []
-        self.dup: np.ndarray | None = None
+        self.shared: np.ndarray | None = None
         self.offset = 0
+        self.urls: set[str] = set()
 
     def see(self, rows: pa.Table) -> None:
         self.hashes.append(url_hashes(rows.column("url").combine_chunks()))
 
     def keep(self, rows: pa.Table) -> pa.Array:
-        if self.dup is None:
+        if self.shared is None:
             seen = np.concatenate(self.hashes) if self.hashes else np.zeros(0, dtype=np.uint64)
-            self.dup, self.hashes = duplicate_mask(seen, self.urls_of), []
-        dup = self.dup[self.offset : self.offset + rows.num_rows]
+            self.shared, self.hashes = shared_hash_positions(seen), []
+        lo, hi = np.searchsorted(self.shared, [self.offset, self.offset + rows.num_rows])
+        positions = self.shared[lo:hi] - self.offset
         self.offset += rows.num_rows
-        return pa.array(~dup)
+        keep = np.ones(rows.num_rows, dtype=bool)
+        urls = rows.column("url").take(pa.array(positions)).to_pylist()
+        for pos, url in zip(positions.tolist(), urls, strict=True):
+            if url in self.urls:
+                keep[pos] = False
+            else:
+                self.urls.add(url)
+        return pa.array(keep)
 
 
 def url_hashes(urls: pa.Array) -> np.ndarray:
@@ -209,24 +222,12 @@ def url_hashes(urls: pa.Array) -> np.ndarray:
     return pd.util.hash_array(urls.to_numpy(zero_copy_only=False), categorize=False)
 
 
-def duplicate_mask(hashes: np.ndarray, urls_of: Any) -> np.ndarray:
-    """True for every row whose URL appeared in an earlier row (rows are in row_id order).
-
-    ``urls_of(positions)`` returns the URLs of the given row positions; it is called only
-    for rows whose hash is shared, so the exact comparison costs little.
-    """
-    order = np.argsort(hashes, kind="stable")
-    sorted_h = hashes[order]
-    same_as_prev = np.zeros(len(hashes), dtype=bool)
-    same_as_prev[1:] = sorted_h[1:] == sorted_h[:-1]
-    shared = same_as_prev.copy()
-    shared[:-1] |= same_as_prev[1:]
-    candidates = np.sort(order[shared])
-    dup = np.zeros(len(hashes), dtype=bool)
-    seen: set[str] = set()
-    for pos, url in zip(candidates.tolist(), urls_of(candidates), strict=True):
-        if url in seen:
-            dup[pos] = True
-        else:
-            seen.add(url)
-    return dup
+def shared_hash_positions(hashes: np.ndarray) -> np.ndarray:
+    """Sorted positions of the hashes that occur more than once (the only duplicate
+    candidates)."""
+    order = np.argsort(hashes)
+    same = hashes[order[1:]] == hashes[order[:-1]]
+    shared = np.zeros(len(hashes), dtype=bool)
+    shared[order[1:][same]] = True
+    shared[order[:-1][same]] = True
+    return np.flatnonzero(shared)
