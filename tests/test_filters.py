@@ -284,7 +284,8 @@ def test_run_with_subset_records_rule_and_size(tmp_path: Path) -> None:
 def test_worker_pool_and_inline_cleaning_write_the_same_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One batch is cleaned in this process, several in a spawned pool: same results."""
+    """One batch is cleaned in this process, several in a spawned pool: same results; and
+    the same bytes whatever the number of workers."""
     n = 40
     urls = [f"https://x/{i % 35}" for i in range(n)]
     # Mojibake and entities to clean; every third caption too long once cleaned.
@@ -292,19 +293,23 @@ def test_worker_pool_and_inline_cleaning_write_the_same_rows(
         [f"  a  cat {i} ", f"caf\u00c3\u00a9 &amp; dog {i}", f"a&nbsp;big dog {i} x y"][i % 3]
         for i in range(n)
     ]
-    results = {}
-    for batch_rows in (filter_stage.BATCH_ROWS, 7):
+    results, files = {}, {}
+    for batch_rows, workers in ((filter_stage.BATCH_ROWS, 2), (7, 2), (7, 1)):
         monkeypatch.setattr(filter_stage, "BATCH_ROWS", batch_rows)
-        metadata = tmp_path / str(batch_rows) / "metadata"
+        metadata = tmp_path / f"{batch_rows}-{workers}" / "metadata"
         _write_normalized(metadata, _rows(urls, captions))
-        record = run(metadata, FilterOptions(max_words=4, workers=2))
+        record = run(metadata, FilterOptions(max_words=4, workers=workers))
         results[batch_rows] = (
             {k: record[k] for k in ("input_rows", "dropped", "output_rows")},
             pq.read_table(metadata / "filtered.parquet").to_pylist(),
             sorted(pq.read_table(metadata / "dropped.parquet").column("row_id").to_pylist()),
         )
+        files[workers] = [
+            (metadata / f).read_bytes() for f in ("filtered.parquet", "dropped.parquet")
+        ]
     inline, pooled = results.values()
     assert inline == pooled
+    assert files[1] == files[2]
     assert inline[0]["dropped"] == {
         "subset": 0,
         "url_scheme": 0,
