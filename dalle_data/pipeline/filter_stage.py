@@ -66,7 +66,9 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
     normalized = metadata_dir / "normalized.parquet"
     if not normalized.exists():
         raise FilterError(f"{normalized} does not exist: run `dalle-data normalize` first")
-    source = pq.ParquetFile(normalized)
+    # pre_buffer=False: the pre-buffered reader keeps every column chunk it has read until
+    # it is closed (the whole file, by the last batch).
+    source = pq.ParquetFile(normalized, pre_buffer=False)
     if not source.schema_arrow.equals(SCHEMA):
         raise FilterError(
             f"{normalized} does not have the normalized schema ({source.schema_arrow}): "
@@ -180,7 +182,7 @@ def keep_freed_memory() -> None:
         return
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
     libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest: arrays below it reuse the heap
-    libc.mallopt(m_trim_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 256 << 20)
     libc.mallopt(m_top_pad, 64 << 20)
 
 
