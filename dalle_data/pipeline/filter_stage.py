@@ -9,7 +9,6 @@ writes every row to one of the outputs.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -41,6 +40,7 @@ from dalle_data.pipeline.filters import (
     UrlSchemeFilter,
     choose_subset,
 )
+from dalle_data.pipeline.malloc import keep_freed_memory
 from dalle_data.pipeline.sources import DROPPED_PARQUET, DROPPED_SCHEMA, ROWS_PARQUET, SCHEMA
 
 BATCH_ROWS = 1 << 18
@@ -170,20 +170,6 @@ def _caption_executor(workers: int, batches: int) -> Executor:
     return ProcessPoolExecutor(
         max_workers=workers, mp_context=mp.get_context("spawn"), initializer=keep_freed_memory
     )
-
-
-def keep_freed_memory() -> None:
-    """Let glibc's malloc keep freed memory for the next batch instead of handing it back to
-    the kernel: every batch allocates the same large arrays again, and faulting their pages
-    in afresh cost a third of the stage's CPU time. (A no-op where libc is not glibc.)"""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest: arrays below it reuse the heap
-    libc.mallopt(m_trim_threshold, 256 << 20)
-    libc.mallopt(m_top_pad, 64 << 20)
 
 
 class _Inline(Executor):
