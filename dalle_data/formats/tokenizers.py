@@ -13,11 +13,13 @@ import importlib.util
 import itertools
 import json
 import re
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ftfy
+import ftfy.badness
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,6 +33,16 @@ ID_DTYPE = np.int32
 _CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 # Text ftfy and html.unescape return unchanged: printable ASCII, tab, CR, LF, no `&`.
 _ASCII_SAFE = re.compile(r"[\t\n\r\x20-\x25\x27-\x7e]*")
+# Characters that ftfy's fixers other than its mojibake repair change or act on: HTML
+# entities (and html.unescape), C0/C1 and other control characters, CR and line
+# separators, Latin ligatures, curly quotes, full/half width forms, surrogates.
+# tests/test_tokenizers.py checks every code point against each fixer.
+_FTFY_TOUCHES = re.compile(
+    "[&\x00-\x08\x0b\x0d-\x1f\x7f-\x9f\u0132\u0133\u0149\u01c4-\u01cc\u01f1-\u01f3"
+    "\u02bc\u2018-\u201f\u2028\u2029\u206a-\u206f\u3000\ud800-\udfff\ufb00-\ufb06"
+    "\ufeff\ufff9-\ufffc\uff01-\uffef]"
+)
+_FTFY_SEGMENT = ftfy.TextFixerConfig().max_decode_length  # longer lines are cut
 
 
 class TokenizerError(DalleDataError):
@@ -140,8 +152,27 @@ _WORD_BREAK = chr(_BYTE_CHARS[ord("\n")])
 
 
 def _basic_clean(text: str) -> str:
-    text = ftfy.fix_text(text)
-    return html.unescape(html.unescape(text)).strip()
+    if _ftfy_may_change(text):
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return text.strip()
+
+
+def _ftfy_may_change(text: str) -> bool:
+    """False only where ftfy.fix_text and html.unescape return ``text`` unchanged (ftfy
+    costs tens of microseconds a caption): no character they act on, NFC already, and no
+    line (ftfy fixes line by line) that is not ASCII and looks like mojibake to ftfy."""
+    return (
+        len(text) > _FTFY_SEGMENT
+        or bool(_FTFY_TOUCHES.search(text))
+        or not unicodedata.is_normalized("NFC", text)
+        or any(not line.isascii() and ftfy.badness.is_bad(line) for line in _lines(text))
+    )
+
+
+def _lines(text: str) -> list[str]:
+    """``text`` cut after each "\\n", as ftfy.fix_text cuts it."""
+    parts = text.split("\n")
+    return [part + "\n" for part in parts[:-1]] + parts[-1:]
 
 
 def _whitespace_clean(text: str) -> str:
