@@ -193,6 +193,23 @@ def _grown(array: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def _arrow_strings(texts: list[str]) -> pa.Array:
+    """``texts`` as an arrow array, built from their bytes (pa.array would import pandas)."""
+    sizes = [len(text) if text.isascii() else len(text.encode("utf-8")) for text in texts]
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    data = "".join(texts).encode("utf-8")
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    return pa.Array.from_buffers(pa.large_string(), len(texts), buffers)
+
+
+def _integers(array: pa.Array) -> np.ndarray:
+    """A null-free arrow integer array as a numpy view (to_numpy would import pandas)."""
+    data = array.buffers()[1]
+    values = np.frombuffer(data or b"", dtype=f"int{array.type.bit_width}")
+    return values[array.offset : array.offset + len(array)]
+
+
 class _IdCache:
     """Token ids of distinct strings (caption chunks, or words), in flat growable arrays.
 
@@ -326,12 +343,12 @@ class SimpleTokenizer(Tokenizer):
         # Arrow's ASCII whitespace is Python's except \x1c-\x1f, which only cleaned text
         # holds, and the reference does not split at. Runs of it at the ends, and empty
         # texts, give "" chunks: no ids.
-        pieces = pc.ascii_split_whitespace(pc.ascii_lower(pa.array(cleaned, type=pa.string())))
+        pieces = pc.ascii_split_whitespace(pc.ascii_lower(_arrow_strings(cleaned)))
         distinct = pieces.flatten().dictionary_encode()
         ids = self._chunks.ids(distinct.dictionary.to_pylist())
-        tokens, lengths = self._chunks.gather(ids[distinct.indices.to_numpy()])
+        tokens, lengths = self._chunks.gather(ids[_integers(distinct.indices)])
         chunk_ends = np.concatenate([[0], np.cumsum(lengths)])
-        return tokens, chunk_ends[pieces.offsets.to_numpy()[1:]]
+        return tokens, chunk_ends[_integers(pieces.offsets)[1:]]
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         _check_texts(texts)
