@@ -287,7 +287,6 @@ class SimpleTokenizer(Tokenizer):
     slice_size = 65536
 
     def __init__(self) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
         from tokenizers.models import BPE
 
         self.spec = "simple"
@@ -296,9 +295,9 @@ class SimpleTokenizer(Tokenizer):
         content = _clip_bpe_path().read_bytes()
         self.fingerprint = _fingerprint(self.kind, content)
         encoder, merges = _clip_vocab(content.decode("utf-8"))
-        # Words arrive split by the reference's regex and mapped to its byte stand-ins:
-        # each is one BPE word, so no pre-tokenizer.
-        self._bpe = HFTokenizer(BPE(vocab=encoder, merges=merges, end_of_word_suffix="</w>"))
+        # Words arrive split by the reference's regex and mapped to its byte stand-ins, so
+        # the BPE model alone (without a Tokenizer's pipeline around it) does the rest.
+        self._bpe = BPE(vocab=encoder, merges=merges, end_of_word_suffix="</w>")
         self._special_ids = {w: encoder[w] for w in _CLIP_SPECIALS}
         self._reset_cache()
 
@@ -314,10 +313,10 @@ class SimpleTokenizer(Tokenizer):
     def _encode_words(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """BPE ids of distinct regex words (no special token among them)."""
         joined = "\n".join(words).encode("utf-8").decode("latin-1").translate(_BYTE_CHARS)
-        # One pre-tokenized sequence avoids the per-sequence overhead of encode_batch.
-        encoding = self._bpe.encode(joined.split(_WORD_BREAK), is_pretokenized=True)
-        word_of_token = np.asarray(encoding.word_ids, dtype=np.int64)
-        return np.bincount(word_of_token, minlength=len(words)), np.asarray(encoding.ids)
+        pieces = list(map(self._bpe.tokenize, joined.split(_WORD_BREAK)))
+        lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        ids = [piece.id for piece in itertools.chain.from_iterable(pieces)]
+        return lengths, np.asarray(ids, dtype=ID_DTYPE)
 
     def _encode_chunks(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Ids of distinct whitespace-free chunks: those of their regex words in order."""
