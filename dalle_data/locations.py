@@ -175,6 +175,7 @@ def open_read(location: Location) -> Iterator[IO[bytes]]:
             yield fh
         return
     fs, path = filesystem(target)
+    fs.invalidate_cache(path)  # a cached listing's ETag would refuse an object changed since
     try:
         fh = fs.open(path, "rb")
     except (FileNotFoundError, PermissionError, OSError) as err:

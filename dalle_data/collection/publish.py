@@ -69,6 +69,7 @@ def publish(
         target.mkdir(parents=True, exist_ok=True)
         published = _copy_in(source, checkpoint, target / info["family"] / name)
     else:
+        locations.writable(target)
         published = _upload(source, checkpoint, target, f"{info['family']}/{name}", cache_dir)
     index = write_index(target, cache_dir=cache_dir)
     path = locations.join(target, info["family"], name, checkpoint.name)
