@@ -250,27 +250,24 @@ def _entry(root: Path, record: Any, source: str | None) -> tuple[Entry | None, s
         return None, f"{name}: path {relative!r} leads outside the collection"
     if source is not None:
         url = locations.join(source, *checkpoint.relative_to(base).parts)
-        files = _remote_files(source, base, checkpoint, record)
+        files = _remote_files(source, base, checkpoint)
         return Entry(name, checkpoint, record, files, source=str(url)), ""
     if not checkpoint.is_file():
         return None, f"{name}: {relative} does not exist (re-index the collection)"
     return Entry(name=name, checkpoint=checkpoint, record=record, files=_own_files(checkpoint)), ""
 
 
-def _remote_files(
-    source: str, root: Path, checkpoint: Path, record: dict[str, Any]
-) -> dict[str, Path]:
-    """The card and samples the index names in a ``<family>/<name>/`` folder, fetched into
-    the mirror (a bucket folder is not listed: http(s) cannot list)."""
+def _remote_files(source: str, root: Path, checkpoint: Path) -> dict[str, Path]:
+    """The card and samples of a ``<family>/<name>/`` folder, fetched into the mirror (a
+    bucket folder is not listed: http(s) cannot list; the layout names the files)."""
     if checkpoint.parent.name != checkpoint.stem:
         return {}
     folder = checkpoint.parent.relative_to(root).as_posix()
     files = {}
-    for key, file_name in (("card", "README.md"), ("samples", "samples.png")):
-        if record.get(key) == f"{folder}/{file_name}":
-            local = checkpoint.parent / file_name
-            if _fetch_optional(locations.join(source, folder, file_name), local):
-                files[file_name] = local
+    for file_name in ("README.md", "samples.png"):
+        local = checkpoint.parent / file_name
+        if _fetch_optional(locations.join(source, folder, file_name), local):
+            files[file_name] = local
     return files
 
 
@@ -279,7 +276,7 @@ def _fetch_optional(url: str | Path, local: Path) -> bool:
     try:
         locations.download(url, local)
     except locations.LocationError as err:
-        log.warning("not shown: %s", err)
+        log.info("not shown: %s", err)
         local.unlink(missing_ok=True)
         return False
     return True
