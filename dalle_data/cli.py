@@ -699,6 +699,8 @@ def serve_cmd(
 
     Point dalle-service's front-end at it with
     https://rom1504.github.io/dalle-service/?back=http://127.0.0.1:8000
+    A bucket or http(s) ROOT is served through a local copy in --cache-dir: each checkpoint
+    is fetched when first asked for and checked against index.json's sha256.
     """
     from dalle_data import locations
     from dalle_data.serve.app import Settings, serve

@@ -245,8 +245,3 @@ def test_a_bucket_collection_is_the_same_collection(
     assert [e["path"] for e in index["checkpoints"]] == [f"{a}/{built['child_cc12m'].name}"]
     assert not (mirror / gone).exists()
     s3.assert_secret_nowhere(bucket, [tmp_path], printed)
-
-
-def test_a_bucket_collection_over_http_is_refused_for_writing(built: dict[str, Path]) -> None:
-    code, out = run("publish", built["child_wit"].parent, "https://127.0.0.1:9/collection")
-    assert code == 1 and "read-only" in out, out
