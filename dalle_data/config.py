@@ -34,6 +34,7 @@ def validate(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[st
     for name in config.get("datasets") or {}:
         validate_dataset_name(str(name))
     schema = yaml.safe_load(schema_path.read_text())
+    coerce(config, schema, schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -48,6 +49,57 @@ def validate(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[st
     _fill_defaults(config, schema, schema)
     _expand_output_dir(config)
     return config
+
+
+# JSON schema type -> the Python types a YAML scalar must load as to satisfy it.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "null": (type(None),),
+    "array": (list,),
+    "object": (dict,),
+}
+
+
+def coerce(node: Any, schema: dict[str, Any], root: dict[str, Any]) -> Any:
+    """Turn strings into the values the schema wants, in place; returns the coerced node.
+
+    Snakemake's ``--config key=value`` parses nested values with YAML's BaseLoader, so
+    ``datasets='{cc12m: {fraction: 0.01}}'`` arrives with ``'0.01'``: a string where the
+    schema wants a non-string type is loaded as YAML and kept when it then fits.
+    """
+    if "$ref" in schema:
+        schema = root["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+    if isinstance(node, str):
+        types = schema.get("type")
+        wanted = [types] if isinstance(types, str) else list(types or [])
+        if wanted and "string" not in wanted:
+            try:
+                value = yaml.safe_load(node)
+            except yaml.YAMLError:
+                return node
+            fits = any(
+                isinstance(value, _TYPES[t]) and not (t != "boolean" and isinstance(value, bool))
+                for t in wanted
+                if t in _TYPES
+            )
+            return coerce(value, schema, root) if fits else node
+        return node
+    if isinstance(node, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, value in node.items():
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                node[key] = coerce(value, sub, root)
+    elif isinstance(node, list) and isinstance(schema.get("items"), dict):
+        node[:] = [coerce(v, schema["items"], root) for v in node]
+    for alternative in schema.get("oneOf", []) + schema.get("anyOf", []):
+        if not isinstance(node, str):
+            break
+        node = coerce(node, alternative, root)
+    return node
 
 
 OUTPUT_DIR = "{output_dir}"
