@@ -38,6 +38,17 @@ def _key_value(item: str) -> tuple[str, str]:
     return key, value
 
 
+def _bounds(items: list[str] | None) -> dict[str, float]:
+    bounds = {}
+    for item in items or []:
+        key, value = _key_value(item)
+        try:
+            bounds[key] = float(value)
+        except ValueError:
+            fail(f"expected COLUMN=NUMBER, got {item!r}")
+    return bounds
+
+
 def fail(message: str) -> None:
     """Print one clear error line and exit 1 (user or data error, not a bug)."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
@@ -62,7 +73,7 @@ def fetch_cmd(
 
 @app.command("normalize")
 def normalize_cmd(
-    format: Annotated[str, typer.Option(help="source format: cc12m, wit or yfcc")],
+    format: Annotated[str, typer.Option(help="source format: cc12m, wit, yfcc, table or folder")],
     raw_dir: Annotated[Path, typer.Option(help="the fetched files: <out>/<ds>/raw")],
     metadata_dir: Annotated[Path, typer.Option(help="output folder: <out>/<ds>/metadata")],
     language: Annotated[
@@ -71,11 +82,53 @@ def normalize_cmd(
     license: Annotated[
         list[str] | None, typer.Option(help="YFCC license names to keep (default: every CC one)")
     ] = None,
+    url_column: Annotated[str, typer.Option(help="table: the image URL column")] = "url",
+    caption_column: Annotated[str, typer.Option(help="table: the caption column")] = "caption",
+    license_column: Annotated[str | None, typer.Option(help="table: a license column")] = None,
+    width_column: Annotated[str | None, typer.Option(help="table: an image width column")] = None,
+    height_column: Annotated[str | None, typer.Option(help="table: an image height column")] = None,
+    id_column: Annotated[
+        str | None,
+        typer.Option(help="table: a column of unique whole-number row ids (default: row number)"),
+    ] = None,
+    keep_column: Annotated[
+        list[str] | None, typer.Option(help="table: a column copied into each sample's .json")
+    ] = None,
+    value_column: Annotated[
+        list[str] | None, typer.Option(help="table: a numeric column the filters bound")
+    ] = None,
+    file_type: Annotated[
+        str | None, typer.Option(help="table: csv, tsv, jsonl or parquet (default: by name)")
+    ] = None,
+    header: Annotated[bool, typer.Option(help="table: csv/tsv files start with a header")] = True,
+    column_name: Annotated[
+        list[str] | None, typer.Option(help="table: csv/tsv column names, in order (repeat)")
+    ] = None,
+    caption_lines: Annotated[
+        str, typer.Option(help="folder: `first` caption line, or `each` line a sample")
+    ] = "first",
 ) -> None:
     """Stream a source through its format adapter into normalized.parquet + normalize.json."""
     from dalle_data.pipeline.normalize import normalize
+    from dalle_data.pipeline.sources import Options
 
-    record = normalize(format, raw_dir, metadata_dir, languages=language, licenses=license)
+    options = Options(
+        languages=list(language or ["en"]),
+        licenses=list(license or []),
+        url_column=url_column,
+        caption_column=caption_column,
+        license_column=license_column,
+        width_column=width_column,
+        height_column=height_column,
+        id_column=id_column,
+        keep_columns=list(keep_column or []),
+        value_columns=list(value_column or []),
+        file_type=file_type,
+        header=header,
+        column_names=list(column_name or []),
+        caption_lines=caption_lines,
+    )
+    record = normalize(format, raw_dir, metadata_dir, options)
     typer.echo(
         f"{record['input_rows']} rows in, {record['output_rows']} out, dropped {record['dropped']}"
     )
@@ -95,8 +148,16 @@ def filter_cmd(
         list[str] | None, typer.Option(help="drop captions holding this word (repeat)")
     ] = None,
     workers: Annotated[int, typer.Option(help="caption cleaning processes (0 = all cores)")] = 0,
+    min_value: Annotated[
+        list[str] | None,
+        typer.Option(help="COLUMN=NUMBER: drop rows below it (table value columns; repeat)"),
+    ] = None,
+    max_value: Annotated[
+        list[str] | None,
+        typer.Option(help="COLUMN=NUMBER: drop rows above it (table value columns; repeat)"),
+    ] = None,
 ) -> None:
-    """Subset, URL, caption and duplicate filters: filtered.parquet, dropped.parquet."""
+    """Subset, URL, value, caption and duplicate filters: filtered.parquet, dropped.parquet."""
     from dalle_data.pipeline.filters import FilterOptions, run
 
     options = FilterOptions(
@@ -107,6 +168,8 @@ def filter_cmd(
         max_words=max_words,
         blocklist=tuple(blocklist or ()),
         workers=workers,
+        min_values=_bounds(min_value),
+        max_values=_bounds(max_value),
     )
     record = run(metadata_dir, options)
     typer.echo(

@@ -141,6 +141,7 @@ def write_metadata(ds_dir: Path, rows: list[dict[str, Any]], dropped: dict[str, 
             "license": [r.get("license") for r in rows],
             "width": pa.array([None] * len(rows), pa.int32()),
             "height": pa.array([None] * len(rows), pa.int32()),
+            "extra": pa.array([r.get("extra") for r in rows], pa.string()),
         }
     )
     pq.write_table(table, meta / "filtered.parquet")

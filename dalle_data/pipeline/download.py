@@ -47,7 +47,8 @@ PLAN = "plan.json"
 # Not *.json: img2dataset takes every JSON file in its output folder for a shard's stats.
 PARAMS = "dalle_data.params"
 REFUSED = "refused.parquet"
-PART_COLUMNS = ["row_id", "url", "caption", "license"]
+# `extra`: a table source's kept columns, which finalize copies into each sample's .json.
+PART_COLUMNS = ["row_id", "url", "caption", "license", "extra"]
 MAX_SAMPLES_PER_SHARD = 10_000
 WEB_SCHEMES = ("http://", "https://")
 

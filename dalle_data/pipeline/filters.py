@@ -3,7 +3,8 @@
 Each filter is a unit in the datatrove style: it only says which rows of a batch to keep;
 the runner counts what each one dropped and writes every dropped row, with the unit's name
 as its reason, to dropped.parquet. Order: subset, url_scheme, duplicate_url (first row_id
-wins among valid URLs), then caption cleaning, empty_caption, caption_length, blocklist.
+wins among valid URLs), then min_values/max_values (bounds on a table source's numeric
+columns), caption cleaning, empty_caption, caption_length, blocklist.
 
 Everything is vectorised over pyarrow batches; only captions that are not plain ASCII (or
 hold HTML entities, control characters or stray spaces) go through Python and ftfy, in
@@ -23,7 +24,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,25 @@ class BlocklistFilter(Filter):
         return pc.invert(pc.match_substring_regex(rows.column("caption"), self.pattern))
 
 
+class ValueBoundFilter(Filter):
+    """Rows whose numeric columns (a table source's ``values``) reach the bounds: at least
+    ``min_values`` (name ``min_values``) or at most ``max_values`` (``max_values``). A row
+    without the value does not reach the bound."""
+
+    def __init__(self, bounds: dict[str, float], *, minimum: bool) -> None:
+        self.name = "min_values" if minimum else "max_values"
+        self.bounds, self.minimum = dict(bounds), minimum
+
+    def keep(self, rows: pa.Table) -> pa.Array:
+        values = rows.column("values").combine_chunks()
+        keep = np.ones(rows.num_rows, dtype=bool)
+        for column, bound in self.bounds.items():
+            value = pc.map_lookup(values, pa.scalar(column), "first")
+            ok = pc.greater_equal(value, bound) if self.minimum else pc.less_equal(value, bound)
+            keep &= pc.fill_null(ok, False).to_numpy(zero_copy_only=False)
+        return pa.array(keep)
+
+
 # Bytes after which a caption may change under cleaning: anything but printable ASCII, and
 # "&" (HTML entities). Captions without them, and without doubled or edge spaces, are
 # already clean; only the rest (a few percent) go through Python.
@@ -304,6 +324,9 @@ class FilterOptions:
     min_words: int = 1
     max_words: int = 200
     blocklist: tuple[str, ...] = ()
+    # Bounds on a table source's numeric columns (datasets.<name>.min_values/max_values).
+    min_values: dict[str, float] = field(default_factory=dict)
+    max_values: dict[str, float] = field(default_factory=dict)
     # Processes cleaning captions; 0 = every core this process may use.
     workers: int = 0
 
@@ -338,6 +361,11 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
         UrlSchemeFilter(allow_file_urls=options.allow_file_urls),
     ]
     caption_units: list[Filter] = [
+        ValueBoundFilter(bounds, minimum=minimum)
+        for bounds, minimum in ((options.min_values, True), (options.max_values, False))
+        if bounds
+    ]
+    caption_units += [
         EmptyCaptionFilter(),
         CaptionLengthFilter(min_words=options.min_words, max_words=options.max_words),
     ]
@@ -388,6 +416,11 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
         "min_words": options.min_words,
         "max_words": options.max_words,
         "blocklist": sorted(w.strip() for w in options.blocklist if w.strip()),
+    }
+    settings |= {
+        key: dict(sorted(bounds.items()))
+        for key, bounds in (("min_values", options.min_values), ("max_values", options.max_values))
+        if bounds
     }
     record = {
         "input_rows": source.metadata.num_rows,

@@ -230,7 +230,9 @@ def _samples(
                     )
                 )
                 for (row, result, jpg), ids in zip(good, tokens, strict=True):
-                    meta = {
+                    # A table source's kept columns; the standard keys win a name clash.
+                    meta = json.loads(row["extra"]) if row.get("extra") else {}
+                    meta |= {
                         "caption": row["caption"],
                         "license": row["license"],
                         "original_height": result.original_height,

@@ -330,18 +330,16 @@ def whole_numbers(values: pa.Array, bits: int = 32) -> pa.Array:
 
 def csv_batches(
     source: SourceFile,
+    read_options: pcsv.ReadOptions,
     parse_options: pcsv.ParseOptions,
     columns: list[str],
     *,
-    block_bytes: int,
     hint: str,
-    column_names: list[str] | None = None,
 ) -> Iterator[tuple[pa.RecordBatch, np.ndarray, pa.Table]]:
     """Batches of ``columns`` (as binary) of a delimited file, their record numbers (from 1)
     and the rows the parser refused (wrong field count) as ``malformed_row`` drops.
 
-    ``column_names`` names the columns of a file without a header. A last batch may be
-    empty, to carry the refused rows that follow the last good one.
+    A last batch may be empty, to carry the refused rows that follow the last good one.
     """
     malformed: list[str] = []
 
@@ -358,9 +356,7 @@ def csv_batches(
     try:
         reader = pcsv.open_csv(
             str(source.path),
-            read_options=pcsv.ReadOptions(
-                block_size=block_bytes, column_names=column_names or None
-            ),
+            read_options=read_options,
             parse_options=parse_options,
             convert_options=pcsv.ConvertOptions(
                 include_columns=columns, column_types={c: pa.binary() for c in columns}

@@ -55,11 +55,11 @@ def read(files: list[SourceFile], options: Options) -> Iterator[Chunk]:
 def _read_file(source: SourceFile, options: Options) -> Iterator[Chunk]:
     batches = csv_batches(
         source,
+        pcsv.ReadOptions(block_size=BLOCK_BYTES),
         pcsv.ParseOptions(
             delimiter="\t", quote_char='"', double_quote=True, newlines_in_values=True
         ),
         list(COLUMNS),
-        block_bytes=BLOCK_BYTES,
         hint="this is not a WIT file: check datasets.<name>.format",
     )
     for batch, numbers, malformed in batches:
