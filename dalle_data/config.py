@@ -46,9 +46,45 @@ def validate(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[st
             "invalid configuration (see configs/config.yaml for every key):\n  "
             + "\n  ".join(lines)
         )
+    for name, dataset in config["datasets"].items():
+        _check_format_keys(name, dataset)
     _fill_defaults(config, schema, schema)
     _expand_output_dir(config)
     return config
+
+
+TABLE_KEYS = (
+    "file_type",
+    "header",
+    "column_names",
+    "url_column",
+    "caption_column",
+    "license_column",
+    "width_column",
+    "height_column",
+    "id_column",
+    "keep_columns",
+    "min_values",
+    "max_values",
+)
+
+
+def _check_format_keys(name: str, dataset: dict[str, Any]) -> None:
+    """Keys that only one format reads are refused elsewhere; a folder reads file: URLs."""
+    fmt = dataset["format"]
+    misplaced = [k for k in TABLE_KEYS if k in dataset and fmt != "table"]
+    misplaced += ["caption_lines"] if "caption_lines" in dataset and fmt != "folder" else []
+    if misplaced:
+        raise ConfigError(
+            f"config key datasets.{name}: {', '.join(misplaced)} apply only to "
+            f"format: {'folder' if misplaced == ['caption_lines'] else 'table'}, not {fmt}"
+        )
+    if fmt == "folder":
+        if dataset.setdefault("allow_file_urls", True) is not True:
+            raise ConfigError(
+                f"config key datasets.{name}.allow_file_urls: a folder dataset reads its images "
+                "through file: URLs; remove the key or set it to true"
+            )
 
 
 # JSON schema type -> the Python types a YAML scalar must load as to satisfy it.

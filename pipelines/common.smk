@@ -82,11 +82,30 @@ def fetch_args(dataset):
     return shlex.join(args)
 
 
+# Format options (table, folder) passed on to `dalle-data normalize` as `--<key>`.
+SINGLE_OPTIONS = (
+    "url_column",
+    "caption_column",
+    "license_column",
+    "width_column",
+    "height_column",
+    "id_column",
+    "file_type",
+    "caption_lines",
+)
+
+
 def normalize_args(dataset):
     cfg = ds_config(dataset)
     args = ["--format", cfg["format"]]
     args += [a for lang in cfg.get("languages") or [] for a in ("--language", lang)]
     args += [a for lic in cfg.get("licenses") or [] for a in ("--license", lic)]
+    args += [a for k in SINGLE_OPTIONS if k in cfg for a in (f"--{k.replace('_', '-')}", str(cfg[k]))]
+    args += [a for c in cfg.get("keep_columns") or [] for a in ("--keep-column", str(c))]
+    values = sorted({**cfg.get("min_values", {}), **cfg.get("max_values", {})})
+    args += [a for c in values for a in ("--value-column", c)]
+    args += [a for c in cfg.get("column_names") or [] for a in ("--column-name", c)]
+    args += [] if cfg.get("header", True) else ["--no-header"]
     return shlex.join(args)
 
 
@@ -100,6 +119,9 @@ def filter_args(dataset):
     args += ["--min-words", str(filters.get("min_words", 1))]
     args += ["--max-words", str(filters.get("max_words", 200))]
     args += [a for w in filters.get("blocklist") or [] for a in ("--blocklist", w)]
+    for key in ("min_values", "max_values"):
+        flag = f"--{key[:3]}-value"
+        args += [a for c, v in sorted(cfg.get(key, {}).items()) for a in (flag, f"{c}={v}")]
     return shlex.join(args)
 
 
