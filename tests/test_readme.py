@@ -1,0 +1,56 @@
+"""Every README command that can run offline runs exactly as printed.
+
+Snakemake commands would fetch from the internet (or build for minutes), so they run as
+dry runs (`-n`) from a folder holding the repository's Snakefile, rule files and configs
+and the local files the README's examples name.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def readme_commands() -> list[str]:
+    """The shell commands of the README's bash blocks, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(shlex.join(words))
+    return commands
+
+
+OFFLINE = [c for c in readme_commands() if c.startswith("snakemake ") or c == "dalle-data --help"]
+
+
+def test_readme_has_the_commands_this_checks() -> None:
+    assert any("cc12m_shards" in c and "fraction: 0.01" in c for c in OFFLINE)
+    assert any("format: table" in c for c in OFFLINE)
+    assert any("format: folder" in c for c in OFFLINE)
+
+
+@pytest.mark.parametrize("command", OFFLINE)
+def test_readme_command_runs_as_printed(command: str, tmp_path: Path) -> None:
+    for name in ("Snakefile", "pipelines", "configs"):
+        (tmp_path / name).symlink_to(REPO / name)
+    # The local files the examples name (a LAION part, a photo folder, a train override).
+    (tmp_path / "laion-part-00000.parquet").write_bytes(b"")
+    (tmp_path / "my-photos").mkdir()
+    (tmp_path / "my-train.yaml").write_text("train:\n  epochs: 1\n")
+    words = shlex.split(command)
+    if words[0] == "snakemake":
+        words.append("-n")
+    words[0] = str(BIN / words[0])
+    proc = subprocess.run(words, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
