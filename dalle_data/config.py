@@ -79,12 +79,11 @@ def _check_format_keys(name: str, dataset: dict[str, Any]) -> None:
             f"config key datasets.{name}: {', '.join(misplaced)} apply only to "
             f"format: {'folder' if misplaced == ['caption_lines'] else 'table'}, not {fmt}"
         )
-    if fmt == "folder":
-        if dataset.setdefault("allow_file_urls", True) is not True:
-            raise ConfigError(
-                f"config key datasets.{name}.allow_file_urls: a folder dataset reads its images "
-                "through file: URLs; remove the key or set it to true"
-            )
+    if fmt == "folder" and dataset.setdefault("allow_file_urls", True) is not True:
+        raise ConfigError(
+            f"config key datasets.{name}.allow_file_urls: a folder dataset reads its images "
+            "through file: URLs; remove the key or set it to true"
+        )
 
 
 # JSON schema type -> the Python types a YAML scalar must load as to satisfy it.

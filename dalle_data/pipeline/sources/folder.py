@@ -1,13 +1,14 @@
 """folder format: a local folder of images, each with a same-named ``.txt`` caption beside it.
 
 DALLE-pytorch's train_dalle.py reads this layout (``photos/a/cat.jpg`` + ``photos/a/cat.txt``).
-The folder is walked recursively in sorted path order and read in place: each image's URL
+The folder is walked recursively, folder by folder (a folder's files, then its subfolders,
+each sorted by name), and read in place: each image's URL
 is its ``file:`` URL (img2dataset reads it; the dataset needs ``allow_file_urls``). A caption
 file with several lines gives its first line (``caption_lines: first``) or one sample per
 line (``each``; lines after the first get ``#<line>`` on the URL, so they are not duplicate
 URLs). Blank lines are not captions.
 
-Every entry is a row, numbered in path order from 1 (row id ``source_index * 10**9 + n``):
+Every entry is a row, numbered in walk order from 1 (row id ``source_index * 10**9 + n``):
 images without a caption file are dropped as ``missing_caption``, caption files without an
 image as ``orphan_caption``, captions that are not UTF-8 as ``invalid_utf8``. Images that
 cannot be decoded fail at download, counted there. Other files are not rows.
@@ -57,7 +58,7 @@ def read(files: list[SourceFile], options: Options) -> Iterator[Chunk]:
 
 
 def _entries(root: Path, caption_lines: str) -> Iterator[tuple[str, str | None, str | None]]:
-    """(reason or "", url, caption) per row, in sorted path order."""
+    """(reason or "", url, caption) per row, in walk order."""
     for folder, names in _walk(root):
         stems: dict[str, list[str]] = {}
         for name in names:
