@@ -186,3 +186,19 @@ def test_values_map_keeps_row_alignment_for_several_columns() -> None:
         2.0,
         None,
     ]
+
+
+def test_kept_columns_become_the_json_python_would_write() -> None:
+    columns = {
+        "s": pa.array(['a"b\\c\nd\te\r', None, "caf\u00e9 \x01 x", ""]),
+        "f": pa.array([0.31, float("nan"), 3.0, None]),
+        "i": pa.array([1, None, -5, 2**60]),
+        "b": pa.array([True, False, None, True]),
+        "l": pa.array([[1], None, [2, 3], []]),
+        "d": pa.array(["x", "y", "x", None]).dictionary_encode(),
+    }
+    plain = {k: v.to_pylist() for k, v in columns.items()}
+    plain["f"][1] = None  # NaN is not JSON
+    for i, text in enumerate(table.json_objects(columns).to_pylist()):
+        want = {k: v[i] for k, v in plain.items()}
+        assert text == json.dumps(want, ensure_ascii=False, sort_keys=True)
