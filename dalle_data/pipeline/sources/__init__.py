@@ -366,20 +366,28 @@ def csv_batches(
         raise SourceError(
             f"{source.path} cannot be read with the columns {columns} ({err}): {hint}"
         ) from err
-    record = 1
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            break
-        except (pa.ArrowInvalid, OSError) as err:
-            raise SourceError(
-                f"{source.path} cannot be parsed after record {record - 1} ({err}): "
-                "the file is corrupt or not in the configured format; delete it and rerun fetch"
-            ) from err
-        numbers = np.arange(record, record + batch.num_rows, dtype=np.int64)
-        record += batch.num_rows
+    for batch, numbers in numbered(source, iter(reader)):
         yield batch, numbers, refused()
     if malformed:
         empty = pa.RecordBatch.from_pylist([], schema=reader.schema)
         yield empty, np.zeros(0, dtype=np.int64), refused()
+
+
+def numbered(
+    source: SourceFile, batches: Iterator[pa.RecordBatch]
+) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
+    """Batches with their record numbers (from 1); a read error names the file and the last
+    record read."""
+    record = 1
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as err:
+            raise SourceError(
+                f"{source.path} cannot be read after record {record - 1} ({err}): the file is "
+                "corrupt, truncated or not in the configured format; delete it and rerun fetch"
+            ) from err
+        yield batch, np.arange(record, record + batch.num_rows, dtype=np.int64)
+        record += batch.num_rows

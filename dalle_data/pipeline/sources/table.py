@@ -47,6 +47,7 @@ from dalle_data.pipeline.sources import (
     make_dropped,
     make_rows,
     map_blocks,
+    numbered,
     row_ids,
     whole_numbers,
 )
@@ -128,20 +129,8 @@ def _parquet(source: SourceFile, options: Options) -> Iterator[Chunk]:
         ) from err
     columns = wanted_columns(options)
     _check_columns(source, columns, parquet.schema_arrow.names)
-    first = 1
     batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            break
-        except (pa.ArrowException, OSError) as err:
-            raise SourceError(
-                f"{source.path} cannot be read after row {first - 1} ({err}): the file is "
-                "corrupt or truncated; delete it and rerun fetch"
-            ) from err
-        numbers = np.arange(first, first + batch.num_rows, dtype=np.int64)
-        first += batch.num_rows
+    for batch, numbers in numbered(source, batches):
         yield to_chunk(source, {c: batch.column(c) for c in columns}, numbers, options)
 
 
