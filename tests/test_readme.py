@@ -20,14 +20,21 @@ BIN = Path(sys.executable).parent
 
 
 def readme_commands() -> list[str]:
-    """The shell commands of the README's bash blocks, continuation lines joined."""
+    """The shell commands of the README's bash blocks, continuation lines and quotes that
+    span lines joined."""
     blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     commands = []
     for block in blocks:
+        pending = ""
         for line in block.replace("\\\n", " ").splitlines():
-            words = shlex.split(line, comments=True)
+            pending += line + "\n"
+            try:
+                words = shlex.split(pending, comments=True)
+            except ValueError:  # a quote still open: the command goes on
+                continue
             if words:
                 commands.append(shlex.join(words))
+            pending = ""
     return commands
 
 
