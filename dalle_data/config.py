@@ -56,19 +56,18 @@ def validate(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[st
     return config
 
 
-TABLE_KEYS = (
-    "file_type",
-    "header",
-    "column_names",
+# The columns a `table` dataset names, one each; then every key only `table` reads.
+TABLE_COLUMNS = (
     "url_column",
     "caption_column",
     "license_column",
     "width_column",
     "height_column",
     "id_column",
-    "keep_columns",
-    "min_values",
-    "max_values",
+)
+TABLE_KEYS = (
+    *TABLE_COLUMNS,
+    *("file_type", "header", "column_names", "keep_columns", "min_values", "max_values"),
 )
 
 

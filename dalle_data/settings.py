@@ -15,7 +15,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from dalle_data.config import ConfigError, tokenizer_file
+from dalle_data.config import TABLE_COLUMNS, ConfigError, tokenizer_file
 
 _REMOTE = re.compile(r"^(?i:https?|file)://")
 # The `dalle-data download` options a config's `download:` section sets, one to one.
@@ -29,16 +29,7 @@ DOWNLOAD_OPTIONS = (
     "user_agent_token",
 )
 # Format options (table, folder) that `dalle-data normalize` takes as `--<key> VALUE`.
-NORMALIZE_OPTIONS = (
-    "url_column",
-    "caption_column",
-    "license_column",
-    "width_column",
-    "height_column",
-    "id_column",
-    "file_type",
-    "caption_lines",
-)
+NORMALIZE_OPTIONS = (*TABLE_COLUMNS, "file_type", "caption_lines")
 # The bundled offline source: a local `sample.tsv` that `dalle-data make-sample` writes.
 SAMPLE_SOURCE = "sample.tsv"
 
