@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,18 +11,36 @@ from typer import _click
 from typer.core import TyperGroup
 
 from dalle_data.config import schema_default
-from dalle_data.errors import DalleDataError
+from dalle_data.errors import DalleDataError, DalleDataWarning
 from dalle_data.settings import DOWNLOAD_OPTIONS
 
 
 class _Commands(TyperGroup):
-    """Turns every dalle-data error a command raises into one red line and exit code 1."""
+    """Turns every dalle-data error a command raises into one red line and exit code 1,
+    and every dalle-data warning into one yellow line."""
 
     def invoke(self, ctx: _click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except DalleDataError as err:
-            fail(str(err))
+        with warnings.catch_warnings():
+            show = warnings.showwarning
+
+            def one_line(
+                message: Warning | str,
+                category: type[Warning],
+                filename: str,
+                lineno: int,
+                file: Any = None,
+                line: str | None = None,
+            ) -> None:
+                if issubclass(category, DalleDataWarning):
+                    typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+                else:
+                    show(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = one_line
+            try:
+                return super().invoke(ctx)
+            except DalleDataError as err:
+                fail(str(err))
 
 
 app = typer.Typer(
@@ -86,7 +105,9 @@ def fetch_cmd(
 
 @app.command("normalize")
 def normalize_cmd(
-    format: Annotated[str, typer.Option(help="source format: cc12m, wit, yfcc, table or folder")],
+    format: Annotated[
+        str, typer.Option(help="source format: cc12m, wit, yfcc, yfcc_sqlite, table or folder")
+    ],
     raw_dir: Annotated[Path, typer.Option(help="the fetched files: <out>/<ds>/raw")],
     metadata_dir: Annotated[Path, typer.Option(help="output folder: <out>/<ds>/metadata")],
     language: Annotated[
@@ -352,16 +373,23 @@ def card_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="a DALLE-pytorch checkpoint (.pt)")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(help="a DALLE-pytorch checkpoint (.pt), or a VQGAN .ckpt or .yaml config"),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="print machine-readable JSON")] = False,
 ) -> None:
-    """Print a checkpoint's architecture, VAE, lineage, epochs, size and name."""
+    """Print a checkpoint's architecture, VAE, lineage, epochs, size and name.
+
+    On a taming VQGAN (weights, Lightning checkpoint or config): its codebook size,
+    downsampling factor and image tokens at 256 px.
+    """
     import json
 
-    from dalle_data.model.checkpoint import format_summary, load_checkpoint, summary
+    from dalle_data.model.checkpoint import inspect_file
 
-    info = summary(load_checkpoint(checkpoint), file_name=checkpoint.name)
-    typer.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else format_summary(info))
+    info, text = inspect_file(checkpoint)
+    typer.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else text)
 
 
 VqganModel = Annotated[

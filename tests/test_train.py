@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from dalle_data.errors import DalleDataWarning
 from dalle_data.model import checkpoint as ckpt_io
 from dalle_data.model.init import init_parent
 from dalle_data.model.loader import LoaderError
 from dalle_data.model.output_name import TrainError, planned_output
 from dalle_data.model.train import TrainArgs, train_extend
+from tests.helpers.pickles import write_early_2021_dalle
 from tests.helpers.tiny import write_dataset, write_preset, write_tokenizer
 
 ARCH = "1L_16HD_2H_32I_8T"
@@ -105,6 +107,26 @@ def test_legacy_parent_is_named_by_its_file_or_refused(
         args_for(world, unnamed, "wit", out, max_steps=3, parent_lineage="cc12m_3E")
     )
     assert given.name == f"{ARCH}_cc12m-3E_wit-0.5E.pt"
+
+
+def test_an_early_2021_file_extends_like_any_parent(world: dict[str, Path], tmp_path: Path) -> None:
+    """train_dalle.py of early 2021 pickled the VAE module in hparams; it is rebuilt from
+    vae_params, and the name comes from hparams and the file name's lineage."""
+    import dalle_pytorch
+
+    parent = torch.load(world["parent"], weights_only=True)
+    hparams = {
+        k: v for k, v in parent["hparams"].items() if k not in ("shift_tokens", "rotary_emb")
+    }
+    vae = dalle_pytorch.DiscreteVAE(**parent["vae_params"])
+    dalle = dalle_pytorch.DALLE(vae=vae, shift_tokens=False, rotary_emb=False, **hparams)
+    early = tmp_path / f"{ARCH}_cc12m_2E.pt"
+    vae_class = "dalle_pytorch.dalle_pytorch.DiscreteVAE"
+    write_early_2021_dalle(early, dalle, vae_class, parent["vae_params"], hparams=hparams)
+    with pytest.warns(DalleDataWarning, match=vae_class):
+        result = train_extend(args_for(world, early, "wit", tmp_path / "models", max_steps=2))
+    assert result.name == f"{ARCH}_cc12m-2E_wit-0.33E.pt"
+    assert torch.load(result, weights_only=True)["hparams"]["shift_tokens"] is False
 
 
 def test_preflight_errors_say_what_to_do(world: dict[str, Path], tmp_path: Path) -> None:
