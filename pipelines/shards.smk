@@ -61,3 +61,25 @@ rule verify:
         f"{OUT}/{{dataset}}/benchmarks/verify.tsv"
     shell:
         "dalle-data verify {params.shards} --retokenize 32 > {log} 2>&1"
+
+
+if BUCKET:
+
+    rule bucket_shards:
+        """A dataset's verified shards folder, sent to <output_dir>/<dataset>/shards by
+        Snakemake's storage plugin: each file one PUT or a completed multipart upload."""
+        input:
+            verify=f"{OUT}/{{dataset}}/shards/verify.json",
+            card=f"{OUT}/{{dataset}}/shards/README.md",
+        output:
+            storage(f"{BUCKET}/{{dataset}}/shards"),
+        params:
+            shards=subpath(input.verify, parent=True),
+        log:
+            f"{OUT}/{{dataset}}/logs/bucket_shards.log",
+        benchmark:
+            f"{OUT}/{{dataset}}/benchmarks/bucket_shards.tsv"
+        shell:
+            # {output} is the plugin's local staging folder: `put` hard-links the files
+            # there, and the plugin uploads them when the job is done.
+            "dalle-data put {params.shards} {output} > {log} 2>&1"
