@@ -289,9 +289,25 @@ def download_cmd(
     distributor: Annotated[str, typer.Option(help="multiprocessing or pyspark")] = _DOWNLOAD[
         "distributor"
     ],
-    user_agent_token: Annotated[str, typer.Option(help="token in the User-Agent")] = _DOWNLOAD[
-        "user_agent_token"
-    ],
+    user_agent_token: Annotated[
+        str, typer.Option(help="the crawler's name, first in the User-Agent")
+    ] = _DOWNLOAD["user_agent_token"],
+    contact: Annotated[
+        str | None, typer.Option(help="a URL or e-mail address for the User-Agent")
+    ] = _DOWNLOAD["contact"],
+    max_requests_per_second_per_host: Annotated[
+        float | None,
+        typer.Option(help="requests per second to any one host, all processes (none: no limit)"),
+    ] = _DOWNLOAD["max_requests_per_second_per_host"],
+    retry_rounds: Annotated[
+        int, typer.Option(help="later rounds for rows that failed for a reason that can pass")
+    ] = _DOWNLOAD["retry_rounds"],
+    retry_after_max: Annotated[
+        float, typer.Option(help="longest wait before a round, whatever Retry-After says (s)")
+    ] = _DOWNLOAD["retry_after_max"],
+    retry_backoff: Annotated[
+        float, typer.Option(help="wait before round 1 without Retry-After; doubles per round (s)")
+    ] = _DOWNLOAD["retry_backoff"],
     spark_master: Annotated[
         str | None, typer.Option(help="pyspark: cluster master URL (default local[processes])")
     ] = None,
@@ -299,8 +315,12 @@ def download_cmd(
         list[str] | None, typer.Option(help="pyspark: a Spark setting KEY=VALUE (repeat)")
     ] = None,
 ) -> None:
-    """Download one part's images with img2dataset (resized, webdataset output)."""
-    from dalle_data.pipeline.download import DownloadSettings, download_part
+    """Download one part's images with img2dataset, then fetch again what failed for a reason
+    that can pass (429, 5xx, timeouts, connection, DNS) in retry rounds; write <out>.json.
+
+    Run again on a finished part, it fetches only the rows still failing retryably."""
+    from dalle_data.pipeline.download import DownloadSettings
+    from dalle_data.pipeline.retry import download_with_retries
 
     settings = DownloadSettings(
         image_size=image_size,
@@ -312,11 +332,19 @@ def download_cmd(
         max_aspect_ratio=max_aspect_ratio,
         distributor=distributor,
         user_agent_token=user_agent_token,
+        contact=contact,
+        max_requests_per_second_per_host=max_requests_per_second_per_host,
+        retry_rounds=retry_rounds,
+        retry_after_max=retry_after_max,
+        retry_backoff=retry_backoff,
         spark_master=spark_master,
         spark_conf=tuple(_key_value(item) for item in spark_conf or ()),
     )
-    stats = download_part(part, out, settings)
-    typer.echo(f"{part.name}: {stats.get('successes', 0)} of {stats['rows']} images")
+    record = download_with_retries(part, out, settings)
+    typer.echo(
+        f"{part.name}: {record['downloaded']} of {record['rows']} images after "
+        f"{len(record['rounds'])} retry rounds; {record['retryable']} still retryable"
+    )
 
 
 @app.command("finalize")

@@ -27,6 +27,11 @@ DOWNLOAD_OPTIONS = (
     "max_aspect_ratio",
     "distributor",
     "user_agent_token",
+    "contact",
+    "max_requests_per_second_per_host",
+    "retry_rounds",
+    "retry_after_max",
+    "retry_backoff",
 )
 # Format options (table, folder) that `dalle-data normalize` takes as `--<key> VALUE`.
 NORMALIZE_OPTIONS = (*TABLE_COLUMNS, "file_type", "caption_lines")
@@ -108,7 +113,8 @@ class DatasetSettings:
         d = self.download
         args = ["--image-size", str(self.image_size)]
         for key in DOWNLOAD_OPTIONS:
-            args += [_flag(key), str(d[key])]
+            if d[key] is not None:  # null: the option's own "none" (no contact, no limit)
+                args += [_flag(key), str(d[key])]
         if d.get("spark_master"):
             args += ["--spark-master", d["spark_master"]]
         for key, value in sorted(d.get("spark_conf", {}).items()):
