@@ -71,6 +71,17 @@ def _key_value(item: str) -> tuple[str, str]:
     return key, value
 
 
+def _bounds(items: list[str] | None) -> dict[str, float]:
+    bounds = {}
+    for item in items or []:
+        key, value = _key_value(item)
+        try:
+            bounds[key] = float(value)
+        except ValueError:
+            fail(f"expected COLUMN=NUMBER, got {item!r}")
+    return bounds
+
+
 def fail(message: str) -> None:
     """Print one clear error line and exit 1 (user or data error, not a bug)."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
@@ -95,7 +106,9 @@ def fetch_cmd(
 
 @app.command("normalize")
 def normalize_cmd(
-    format: Annotated[str, typer.Option(help="source format: cc12m, wit, yfcc or yfcc_sqlite")],
+    format: Annotated[
+        str, typer.Option(help="source format: cc12m, wit, yfcc, yfcc_sqlite, table or folder")
+    ],
     raw_dir: Annotated[Path, typer.Option(help="the fetched files: <out>/<ds>/raw")],
     metadata_dir: Annotated[Path, typer.Option(help="output folder: <out>/<ds>/metadata")],
     language: Annotated[
@@ -104,11 +117,53 @@ def normalize_cmd(
     license: Annotated[
         list[str] | None, typer.Option(help="YFCC license names to keep (default: every CC one)")
     ] = None,
+    url_column: Annotated[str, typer.Option(help="table: the image URL column")] = "url",
+    caption_column: Annotated[str, typer.Option(help="table: the caption column")] = "caption",
+    license_column: Annotated[str | None, typer.Option(help="table: a license column")] = None,
+    width_column: Annotated[str | None, typer.Option(help="table: an image width column")] = None,
+    height_column: Annotated[str | None, typer.Option(help="table: an image height column")] = None,
+    id_column: Annotated[
+        str | None,
+        typer.Option(help="table: a column of unique whole-number row ids (default: row number)"),
+    ] = None,
+    keep_column: Annotated[
+        list[str] | None, typer.Option(help="table: a column copied into each sample's .json")
+    ] = None,
+    value_column: Annotated[
+        list[str] | None, typer.Option(help="table: a numeric column the filters bound")
+    ] = None,
+    file_type: Annotated[
+        str | None, typer.Option(help="table: csv, tsv, jsonl or parquet (default: by name)")
+    ] = None,
+    header: Annotated[bool, typer.Option(help="table: csv/tsv files start with a header")] = True,
+    column_name: Annotated[
+        list[str] | None, typer.Option(help="table: csv/tsv column names, in order (repeat)")
+    ] = None,
+    caption_lines: Annotated[
+        str, typer.Option(help="folder: `first` caption line, or `each` line a sample")
+    ] = "first",
 ) -> None:
     """Stream a source through its format adapter into normalized.parquet + normalize.json."""
     from dalle_data.pipeline.normalize import normalize
+    from dalle_data.pipeline.sources import Options
 
-    record = normalize(format, raw_dir, metadata_dir, languages=language, licenses=license)
+    options = Options(
+        languages=list(language or ["en"]),
+        licenses=list(license or []),
+        url_column=url_column,
+        caption_column=caption_column,
+        license_column=license_column,
+        width_column=width_column,
+        height_column=height_column,
+        id_column=id_column,
+        keep_columns=list(keep_column or []),
+        value_columns=list(value_column or []),
+        file_type=file_type,
+        header=header,
+        column_names=list(column_name or []),
+        caption_lines=caption_lines,
+    )
+    record = normalize(format, raw_dir, metadata_dir, options)
     typer.echo(
         f"{record['input_rows']} rows in, {record['output_rows']} out, dropped {record['dropped']}"
     )
@@ -132,8 +187,16 @@ def filter_cmd(
         list[str] | None, typer.Option(help="drop captions holding this word (repeat)")
     ] = None,
     workers: Annotated[int, typer.Option(help="caption cleaning processes (0 = all cores)")] = 0,
+    min_value: Annotated[
+        list[str] | None,
+        typer.Option(help="COLUMN=NUMBER: drop rows below it (table value columns; repeat)"),
+    ] = None,
+    max_value: Annotated[
+        list[str] | None,
+        typer.Option(help="COLUMN=NUMBER: drop rows above it (table value columns; repeat)"),
+    ] = None,
 ) -> None:
-    """Subset, URL, caption and duplicate filters: filtered.parquet, dropped.parquet."""
+    """Subset, URL, value, caption and duplicate filters: filtered.parquet, dropped.parquet."""
     from dalle_data.pipeline.filter_stage import FilterOptions, run
 
     options = FilterOptions(
@@ -144,6 +207,8 @@ def filter_cmd(
         max_words=max_words,
         blocklist=tuple(blocklist or ()),
         workers=workers,
+        min_values=_bounds(min_value),
+        max_values=_bounds(max_value),
     )
     record = run(metadata_dir, options)
     typer.echo(
@@ -224,9 +289,25 @@ def download_cmd(
     distributor: Annotated[str, typer.Option(help="multiprocessing or pyspark")] = _DOWNLOAD[
         "distributor"
     ],
-    user_agent_token: Annotated[str, typer.Option(help="token in the User-Agent")] = _DOWNLOAD[
-        "user_agent_token"
-    ],
+    user_agent_token: Annotated[
+        str, typer.Option(help="the crawler's name, first in the User-Agent")
+    ] = _DOWNLOAD["user_agent_token"],
+    contact: Annotated[
+        str | None, typer.Option(help="a URL or e-mail address for the User-Agent")
+    ] = _DOWNLOAD["contact"],
+    max_requests_per_second_per_host: Annotated[
+        float | None,
+        typer.Option(help="requests per second to any one host, all processes (none: no limit)"),
+    ] = _DOWNLOAD["max_requests_per_second_per_host"],
+    retry_rounds: Annotated[
+        int, typer.Option(help="later rounds for rows that failed for a reason that can pass")
+    ] = _DOWNLOAD["retry_rounds"],
+    retry_after_max: Annotated[
+        float, typer.Option(help="longest wait before a round, whatever Retry-After says (s)")
+    ] = _DOWNLOAD["retry_after_max"],
+    retry_backoff: Annotated[
+        float, typer.Option(help="wait before round 1 without Retry-After; doubles per round (s)")
+    ] = _DOWNLOAD["retry_backoff"],
     spark_master: Annotated[
         str | None, typer.Option(help="pyspark: cluster master URL (default local[processes])")
     ] = None,
@@ -234,8 +315,12 @@ def download_cmd(
         list[str] | None, typer.Option(help="pyspark: a Spark setting KEY=VALUE (repeat)")
     ] = None,
 ) -> None:
-    """Download one part's images with img2dataset (resized, webdataset output)."""
-    from dalle_data.pipeline.download import DownloadSettings, download_part
+    """Download one part's images with img2dataset, then fetch again what failed for a reason
+    that can pass (429, 5xx, timeouts, connection, DNS) in retry rounds; write <out>.json.
+
+    Run again on a finished part, it fetches only the rows still failing retryably."""
+    from dalle_data.pipeline.download import DownloadSettings
+    from dalle_data.pipeline.retry import download_with_retries
 
     settings = DownloadSettings(
         image_size=image_size,
@@ -247,11 +332,19 @@ def download_cmd(
         max_aspect_ratio=max_aspect_ratio,
         distributor=distributor,
         user_agent_token=user_agent_token,
+        contact=contact,
+        max_requests_per_second_per_host=max_requests_per_second_per_host,
+        retry_rounds=retry_rounds,
+        retry_after_max=retry_after_max,
+        retry_backoff=retry_backoff,
         spark_master=spark_master,
         spark_conf=tuple(_key_value(item) for item in spark_conf or ()),
     )
-    stats = download_part(part, out, settings)
-    typer.echo(f"{part.name}: {stats.get('successes', 0)} of {stats['rows']} images")
+    record = download_with_retries(part, out, settings)
+    typer.echo(
+        f"{part.name}: {record['downloaded']} of {record['rows']} images after "
+        f"{len(record['rounds'])} retry rounds; {record['retryable']} still retryable"
+    )
 
 
 @app.command("finalize")
@@ -354,6 +447,14 @@ VqganConfig = Annotated[Path | None, typer.Option(help="VQGAN config .yml beside
 CacheDir = Annotated[
     Path | None,
     typer.Option(help="local cache for remote shards (default ~/.cache/dalle-data/shards)"),
+]
+MirrorDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="where a bucket ROOT is mirrored (default ~/.cache/dalle-data/shards/collections/"
+        "<hash of ROOT>): reruns download only changed objects",
+    ),
 ]
 CacheSize = Annotated[
     str, typer.Option(help="most bytes the cache keeps, e.g. 50GB (least recently used go)")
@@ -615,14 +716,19 @@ def evaluate_colours_cmd(
 
 @app.command("collection")
 def collection_cmd(
-    root: Annotated[str, typer.Argument(help="the collection folder (family folders inside)")],
+    root: Annotated[
+        str,
+        typer.Argument(
+            help="the collection folder (family folders inside), or its s3://, gs://, hf:// URL"
+        ),
+    ],
+    cache_dir: MirrorDir = None,
 ) -> None:
     """Index a checkpoint collection: index.json, README.md front page, lineage.png, flags."""
     from dalle_data import locations
     from dalle_data.collection.index import FRONT_PAGE, write_index
 
-    folder = locations.local_only(root, "collection ROOT")
-    index = write_index(folder)
+    index = write_index(root, cache_dir=cache_dir)
     entries = index["checkpoints"]
     for entry in entries:
         for problem in entry["problems"]:
@@ -631,7 +737,7 @@ def collection_cmd(
         typer.echo(f"flag: {problem}")
     typer.echo(
         f"{len(entries)} checkpoints, {len(index['eval_sets'])} eval sets; "
-        f"front page: {folder / FRONT_PAGE}"
+        f"front page: {locations.join(root, FRONT_PAGE)}"
     )
 
 
@@ -640,22 +746,30 @@ def publish_cmd(
     checkpoint_dir: Annotated[
         Path, typer.Argument(help="a train-extend output folder, <output_dir>/<family>/<name>")
     ],
-    root: Annotated[str, typer.Argument(help="the collection folder")],
+    root: Annotated[
+        str, typer.Argument(help="the collection folder, or its s3://, gs://, hf:// URL")
+    ],
+    cache_dir: MirrorDir = None,
 ) -> None:
     """Copy a checkpoint folder into ROOT/<family>/<name>/ (verified, atomic) and re-index."""
     from dalle_data import locations
     from dalle_data.collection.index import FRONT_PAGE
     from dalle_data.collection.publish import publish
 
-    folder = locations.local_only(root, "publish ROOT")
-    result = publish(checkpoint_dir, folder)
+    result = publish(checkpoint_dir, root, cache_dir=cache_dir)
     verb = "published" if result["published"] else "already published (same sha256)"
-    typer.echo(f"{verb}: {result['path']}; front page: {folder / FRONT_PAGE}")
+    typer.echo(f"{verb}: {result['path']}; front page: {locations.join(root, FRONT_PAGE)}")
 
 
 @app.command("serve")
 def serve_cmd(
-    root: Annotated[str, typer.Argument(help="the collection folder (its index.json)")],
+    root: Annotated[
+        str,
+        typer.Argument(
+            help="the collection folder (its index.json), or its s3://, gs://, hf:// or "
+            "http(s):// URL"
+        ),
+    ],
     host: Annotated[
         str, typer.Option(help="address to listen on; 0.0.0.0 opens it to the network")
     ] = "127.0.0.1",
@@ -672,11 +786,14 @@ def serve_cmd(
     ] = 16,
     vqgan_model_path: VqganModel = None,
     vqgan_config_path: VqganConfig = None,
+    cache_dir: MirrorDir = None,
 ) -> None:
     """Serve a collection: dalle-service's HTTP API (/, /dalle-list, /dalle) and a page at /ui.
 
     Point dalle-service's front-end at it with
     https://rom1504.github.io/dalle-service/?back=http://127.0.0.1:8000
+    A bucket or http(s) ROOT is served through a local copy in --cache-dir: each checkpoint
+    is fetched when first asked for and checked against index.json's sha256.
     """
     from dalle_data import locations
     from dalle_data.serve.app import Settings, serve
@@ -684,7 +801,7 @@ def serve_cmd(
 
     serve(
         Settings(
-            root=locations.local_only(root, "serve ROOT"),
+            root=locations.normalize(root),
             host=host,
             port=port,
             max_images=max_images,
@@ -692,6 +809,7 @@ def serve_cmd(
             max_loaded=max_loaded,
             queue=queue,
             vqgan=VqganFiles(vqgan_model_path, vqgan_config_path),
+            cache_dir=cache_dir,
         )
     )
 

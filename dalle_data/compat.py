@@ -13,16 +13,22 @@
 - img2dataset's Resizer decodes every JPEG at full size and then shrinks it:
   :func:`for_img2dataset` lets it decode a large JPEG at 1/2, 1/4 or 1/8 of its size
   (libjpeg's DCT scaling), several times faster, when that still covers ``image_size``.
+- img2dataset fetches every URL with its module-level ``download_image``, which keeps
+  neither the HTTP status nor ``Retry-After``: :func:`img2dataset_fetch` puts another
+  fetch in its place in each worker process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.abc
 import importlib.machinery
 import os
 import sys
 import threading
 import warnings
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -189,6 +195,46 @@ def _reduced_jpeg_decode() -> None:
 
 if os.environ.get(_FOR_IMG2DATASET) == "1":
     for_img2dataset()
+
+
+class _FetchingDownloader:
+    """img2dataset's Downloader, run with ``fetch`` as img2dataset.downloader.download_image.
+
+    img2dataset pickles its Downloader into each worker process; this wrapper travels the
+    same way (by reference to this module), so the worker swaps the function in itself.
+    """
+
+    def __init__(self, downloader: Any, fetch: Callable[..., Any]) -> None:
+        self.downloader = downloader
+        self.fetch = fetch
+
+    def __call__(self, row: Any) -> Any:
+        import img2dataset.downloader
+
+        img2dataset.downloader.download_image = self.fetch
+        return self.downloader(row)
+
+
+@contextlib.contextmanager
+def img2dataset_fetch(fetch: Callable[..., Any]) -> Iterator[None]:
+    """Inside, ``img2dataset.download`` fetches each URL with ``fetch`` in every worker.
+
+    ``fetch(row, timeout, user_agent_token, disallowed_header_directives)`` must be
+    picklable and return what img2dataset 1.47's ``download_image`` returns:
+    ``(key, BytesIO or None, error message or None)``.
+    """
+    # img2dataset/__init__.py binds the name ``main`` to a function: take the module.
+    main: Any = importlib.import_module("img2dataset.main")
+    original = main.Downloader
+
+    def downloader(*args: Any, **kwargs: Any) -> _FetchingDownloader:
+        return _FetchingDownloader(original(*args, **kwargs), fetch)
+
+    main.Downloader = downloader
+    try:
+        yield
+    finally:
+        main.Downloader = original
 
 
 def import_dalle_pytorch() -> ModuleType:

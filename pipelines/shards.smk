@@ -13,6 +13,7 @@ rule finalize:
         manifest=f"{OUT}/{{dataset}}/shards/manifest.json",
         failures=f"{OUT}/{{dataset}}/shards/failures.parquet",
         index=f"{OUT}/{{dataset}}/shards/index.parquet",
+        build=f"{OUT}/{{dataset}}/shards/build.json",
     params:
         # <dataset_dir>/shards/manifest.json
         dataset_dir=subpath(output.manifest, ancestor=2),
@@ -27,10 +28,11 @@ rule finalize:
 
 
 rule card:
-    """The dataset card: what was built from what, the accounting, and pictures."""
+    """The dataset card: what was built from what, the accounting, retry rounds, and pictures."""
     input:
         manifest=f"{OUT}/{{dataset}}/shards/manifest.json",
         index=f"{OUT}/{{dataset}}/shards/index.parquet",
+        build=f"{OUT}/{{dataset}}/shards/build.json",
     output:
         card=f"{OUT}/{{dataset}}/shards/README.md",
         sheet=f"{OUT}/{{dataset}}/shards/contact_sheet.png",

@@ -70,6 +70,7 @@ def finalize(
         )
     tokenizer = tokenizers.load(tokenizer_spec)
     settings = _part_settings(ds_dir, plan, image_size)
+    rounds = _rounds(ds_dir, plan)
     failed: Counter[str] = Counter(plan["refused"])
     out_dir.mkdir(parents=True, exist_ok=True)
     with (
@@ -117,7 +118,7 @@ def finalize(
         counts=counts,
         provenance=provenance,
     )
-    write_json(out_dir / BUILD_RECORD, _build_record(started, plan, written))
+    write_json(out_dir / BUILD_RECORD, _build_record(started, plan, written, rounds))
     return manifest
 
 
@@ -146,7 +147,7 @@ def _inputs_only(record: dict[str, Any]) -> dict[str, Any]:
 
 def _part_settings(ds_dir: Path, plan: dict[str, Any], image_size: int) -> dict[str, Any]:
     """The output-affecting download settings, which every part must share."""
-    from dalle_data.pipeline.download import PARAMS, DownloadError
+    from dalle_data.pipeline.download import INPUT_ORDER, PARAMS, DownloadError
 
     seen: dict[str, Any] | None = None
     for part in plan["parts"]:
@@ -157,7 +158,9 @@ def _part_settings(ds_dir: Path, plan: dict[str, Any], image_size: int) -> dict[
             )
         params = json.loads(path.read_text())
         settings = {
-            k: v for k, v in params.items() if k not in ("part", "rows", "samples_per_shard")
+            k: v
+            for k, v in params.items()
+            if k not in ("part", "rows", "samples_per_shard", INPUT_ORDER)
         }
         if seen is not None and settings != seen:
             raise DownloadError(
@@ -186,11 +189,11 @@ def _samples(
     Failures are counted and logged to ``failures``; each sample's caption length and
     original size go to ``index`` for the dataset card.
     """
-    from dalle_data.pipeline.download import read_part_results
+    from dalle_data.pipeline.retry import read_results
 
     for part in plan["parts"]:
         part_dir = ds_dir / "downloaded" / part["name"]
-        results = read_part_results(part_dir)
+        results = read_results(part_dir)
         rows = pq.read_table(ds_dir / "download" / "parts" / f"{part['name']}.parquet")
         lost: list[dict[str, Any]] = []
         with _TarIndex(part_dir) as images:
@@ -230,7 +233,9 @@ def _samples(
                     )
                 )
                 for (row, result, jpg), ids in zip(good, tokens, strict=True):
-                    meta = {
+                    # A table source's kept columns; the standard keys win a name clash.
+                    meta = json.loads(row["extra"]) if row.get("extra") else {}
+                    meta |= {
                         "caption": row["caption"],
                         "license": row["license"],
                         "original_height": result.original_height,
@@ -316,8 +321,25 @@ class _TarIndex:
         return handle.read(entry[1])
 
 
-def _build_record(started: float, plan: dict[str, Any], written: int) -> dict[str, Any]:
-    """Run facts (time, host, versions) kept out of the manifest so it stays reproducible."""
+def _rounds(ds_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """The retry rounds of every part, from the records the download stage wrote."""
+    from dalle_data.pipeline.download import DownloadError
+    from dalle_data.pipeline.retry import record_path, summarize
+
+    records = []
+    for part in plan["parts"]:
+        path = record_path(ds_dir / "downloaded" / part["name"])
+        if not path.is_file():
+            raise DownloadError(f"{path} does not exist: run the download stage for its part")
+        records.append(json.loads(path.read_text(encoding="utf-8")))
+    return summarize(records)
+
+
+def _build_record(
+    started: float, plan: dict[str, Any], written: int, rounds: dict[str, Any]
+) -> dict[str, Any]:
+    """Run facts (time, host, versions, retry rounds) kept out of the manifest so it stays
+    reproducible."""
     import platform
     from importlib.metadata import version
 
@@ -331,4 +353,5 @@ def _build_record(started: float, plan: dict[str, Any], written: int) -> dict[st
         "versions": {p: version(p) for p in ("img2dataset", "numpy", "pyarrow", "dalle-pytorch")},
         "rows_per_part": plan["rows_per_part"],
         "parts": len(plan["parts"]),
+        "retry_rounds": rounds,
     }
