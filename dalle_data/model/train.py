@@ -25,6 +25,7 @@ from tqdm import tqdm
 from dalle_data.atomic import atomic_path, write_json
 from dalle_data.errors import TrainError
 from dalle_data.formats.manifest import (
+    EVAL_SPLIT,
     MANIFEST,
     ManifestError,
     read_manifest,
@@ -88,6 +89,12 @@ def load_shard_set(dirs: Sequence[Path], *, skip_corrupt: bool) -> ShardSet:
     if not dirs:
         raise TrainError("no --shards folder given: pass the folder holding manifest.json")
     manifests = [(Path(d), read_manifest(Path(d))) for d in dirs]
+    held_out = [str(d) for d, m in manifests if m.get("split") == EVAL_SPLIT]
+    if held_out:
+        raise TrainError(
+            f"{', '.join(held_out)} is a held-out eval split (manifest.json says split: eval): "
+            "train on the dataset's shards/ folder and keep eval/ for `dalle-data evaluate`"
+        )
     datasets = sorted({m["dataset"] for _, m in manifests})
     if len(datasets) > 1:
         raise TrainError(
