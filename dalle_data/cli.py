@@ -210,18 +210,41 @@ def finalize_cmd(
     tokenizer: Annotated[str, typer.Option(help="simple, hug:<json> or yttm:<model>")],
     image_size: Annotated[int, typer.Option(help="shorter side of stored images, px")] = 256,
     shard_size: Annotated[int, typer.Option(help="samples per shard")] = 1000,
+    eval_fraction: Annotated[
+        float, typer.Option(help="fraction of the filtered rows held out as the eval split")
+    ] = 0.001,
+    eval_max_rows: Annotated[
+        int | None, typer.Option(help="at most this many eval rows (unset: no cap)")
+    ] = 10_000,
+    max_distance: Annotated[
+        int, typer.Option(help="pHash Hamming distance at or below which images are duplicates")
+    ] = 3,
+    near_duplicates: Annotated[
+        bool, typer.Option(help="compare perceptual hashes; off: exact copies (sha256) only")
+    ] = True,
+    dedup_against: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=DATASET_DIR of a built dataset whose images to drop (repeat)"),
+    ] = None,
     card: Annotated[bool, typer.Option(help="also write the dataset card README.md")] = True,
 ) -> None:
-    """Downloaded parts -> shards/<dataset>-NNNNN.tar, manifest.json, failures.parquet, card."""
+    """Downloaded parts -> shards/ and the held-out eval/ split (each with manifest.json,
+    index.parquet, failures.parquet), duplicates dropped; then the card."""
     from dalle_data.pipeline.dataset_card import write_card
-    from dalle_data.pipeline.finalize import finalize
+    from dalle_data.pipeline.finalize import DedupOptions, finalize
+    from dalle_data.pipeline.holdout import Holdout
 
+    against = tuple((name, Path(folder)) for name, folder in map(_key_value, dedup_against or ()))
     manifest = finalize(
         dataset_dir,
         dataset=dataset,
         tokenizer_spec=tokenizer,
         image_size=image_size,
         shard_size=shard_size,
+        holdout=Holdout(fraction=eval_fraction, max_rows=eval_max_rows),
+        dedup_options=DedupOptions(
+            max_distance=max_distance if near_duplicates else None, against=against
+        ),
     )
     if card:
         write_card(dataset_dir / "shards")

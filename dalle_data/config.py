@@ -47,7 +47,34 @@ def validate(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[st
         )
     _fill_defaults(config, schema, schema)
     _expand_output_dir(config)
+    _check_dedup_against(config["datasets"])
     return config
+
+
+def _check_dedup_against(datasets: dict[str, Any]) -> None:
+    """``dedup_against`` names configured datasets and never loops back (Snakemake builds
+    the named datasets first, so a loop could never start)."""
+    for name, settings in datasets.items():
+        for other in settings.get("dedup_against", []):
+            if other not in datasets or other == name:
+                raise ConfigError(
+                    f"config key datasets.{name}.dedup_against: {other!r} is "
+                    + ("the dataset itself" if other == name else "not a configured dataset")
+                    + f": name other datasets ({', '.join(sorted(set(datasets) - {name}))})"
+                )
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in path:
+            loop = " -> ".join([*path[path.index(name) :], name])
+            raise ConfigError(
+                f"config key dedup_against loops ({loop}): each dataset must be built before "
+                "the ones that dedup against it; remove one of these entries"
+            )
+        for other in datasets[name].get("dedup_against", []):
+            visit(other, (*path, name))
+
+    for name in datasets:
+        visit(name, ())
 
 
 OUTPUT_DIR = "{output_dir}"

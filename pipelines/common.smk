@@ -40,8 +40,12 @@ def verified(dataset):
 
 
 def built(dataset):
-    """A dataset target's end points: verified shards and their card."""
-    return [verified(dataset), f"{ds_dir(dataset)}/shards/README.md"]
+    """A dataset target's end points: verified shards and eval split, and their card."""
+    return [
+        verified(dataset),
+        f"{ds_dir(dataset)}/eval/verify.json",
+        f"{ds_dir(dataset)}/shards/README.md",
+    ]
 
 
 def dataset_image_size(dataset):
@@ -125,6 +129,28 @@ def downloaded_parts(wildcards):
     with open(plan) as fh:
         parts = json.load(fh)["parts"]
     return [f"{OUT}/{wildcards.dataset}/downloaded/{p['name']}" for p in parts]
+
+
+def dedup_against_indexes(wildcards):
+    """index.parquet of both shard sets of every dataset this one dedups against, so
+    Snakemake builds those datasets first."""
+    return [
+        f"{ds_dir(other)}/{folder}/index.parquet"
+        for other in ds_config(wildcards.dataset)["dedup_against"]
+        for folder in ("shards", "eval")
+    ]
+
+
+def finalize_args(dataset):
+    """The held-out split and dedup options of finalize."""
+    cfg = ds_config(dataset)
+    args = ["--eval-fraction", str(cfg["eval_fraction"])]
+    if cfg["eval_max_rows"] is not None:
+        args += ["--eval-max-rows", str(cfg["eval_max_rows"])]
+    args += ["--max-distance", str(config["dedup"]["max_distance"])]
+    args.append("--near-duplicates" if cfg["near_duplicates"] else "--no-near-duplicates")
+    args += [a for o in cfg["dedup_against"] for a in ("--dedup-against", f"{o}={ds_dir(o)}")]
+    return shlex.join(args)
 
 
 # Training (pipelines/train.smk).

@@ -1,5 +1,6 @@
-# Shards: all downloaded parts -> byte-reproducible shards and manifest; then the card and
-# verify, which only read the shards and so run side by side.
+# Shards: all downloaded parts -> byte-reproducible training shards and the held-out eval
+# split, each with its manifest; then the card and verify, which only read the shards and
+# so run side by side.
 
 
 rule finalize:
@@ -9,16 +10,23 @@ rule finalize:
         normalize=f"{OUT}/{{dataset}}/metadata/normalize.json",
         filter=f"{OUT}/{{dataset}}/metadata/filter.json",
         tokenizer=lambda wc: tokenizer_input(wc.dataset),
+        against=dedup_against_indexes,
     output:
         manifest=f"{OUT}/{{dataset}}/shards/manifest.json",
         failures=f"{OUT}/{{dataset}}/shards/failures.parquet",
         index=f"{OUT}/{{dataset}}/shards/index.parquet",
+        examples=f"{OUT}/{{dataset}}/shards/duplicate_examples.parquet",
+        eval_manifest=f"{OUT}/{{dataset}}/eval/manifest.json",
+        eval_failures=f"{OUT}/{{dataset}}/eval/failures.parquet",
+        eval_index=f"{OUT}/{{dataset}}/eval/index.parquet",
+        eval_examples=f"{OUT}/{{dataset}}/eval/duplicate_examples.parquet",
     params:
         # <dataset_dir>/shards/manifest.json
         dataset_dir=subpath(output.manifest, ancestor=2),
         tokenizer=lambda wc: ddconfig.dataset_tokenizer(config, wc.dataset),
         image_size=lambda wc: dataset_image_size(wc.dataset),
         shard_size=config["shard_size"],
+        split_and_dedup=lambda wc: finalize_args(wc.dataset),
     log:
         f"{OUT}/{{dataset}}/logs/finalize.log",
     benchmark:
@@ -26,7 +34,8 @@ rule finalize:
     shell:
         "dalle-data finalize --dataset-dir {params.dataset_dir}"
         " --dataset {wildcards.dataset} --tokenizer {params.tokenizer:q}"
-        " --image-size {params.image_size} --shard-size {params.shard_size} --no-card"
+        " --image-size {params.image_size} --shard-size {params.shard_size}"
+        " {params.split_and_dedup} --no-card"
         " > {log} 2>&1"
 
 
@@ -35,11 +44,15 @@ rule card:
     input:
         manifest=f"{OUT}/{{dataset}}/shards/manifest.json",
         index=f"{OUT}/{{dataset}}/shards/index.parquet",
+        examples=f"{OUT}/{{dataset}}/shards/duplicate_examples.parquet",
+        eval_manifest=f"{OUT}/{{dataset}}/eval/manifest.json",
+        eval_examples=f"{OUT}/{{dataset}}/eval/duplicate_examples.parquet",
     output:
         card=f"{OUT}/{{dataset}}/shards/README.md",
         sheet=f"{OUT}/{{dataset}}/shards/contact_sheet.png",
         lengths=f"{OUT}/{{dataset}}/shards/caption_lengths.png",
         sizes=f"{OUT}/{{dataset}}/shards/image_sizes.png",
+        duplicates=f"{OUT}/{{dataset}}/shards/duplicates.png",
     params:
         shards=subpath(input.manifest, parent=True),
     log:
@@ -51,17 +64,20 @@ rule card:
 
 
 rule verify:
-    """The dataset's end point: shards re-hashed against the manifest, some captions re-tokenized."""
+    """The dataset's end point: shards (training or eval) re-hashed against their manifest,
+    some captions re-tokenized."""
     input:
-        manifest=f"{OUT}/{{dataset}}/shards/manifest.json",
+        manifest=f"{OUT}/{{dataset}}/{{shardset}}/manifest.json",
         tokenizer=lambda wc: tokenizer_input(wc.dataset),
     output:
-        f"{OUT}/{{dataset}}/shards/verify.json",
+        f"{OUT}/{{dataset}}/{{shardset}}/verify.json",
+    wildcard_constraints:
+        shardset="shards|eval",
     params:
         shards=subpath(input.manifest, parent=True),
     log:
-        f"{OUT}/{{dataset}}/logs/verify.log",
+        f"{OUT}/{{dataset}}/logs/verify_{{shardset}}.log",
     benchmark:
-        f"{OUT}/{{dataset}}/benchmarks/verify.tsv"
+        f"{OUT}/{{dataset}}/benchmarks/verify_{{shardset}}.tsv"
     shell:
         "dalle-data verify {params.shards} --retokenize 32 > {log} 2>&1"

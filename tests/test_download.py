@@ -168,8 +168,10 @@ def build(
     tokenizer: str = "simple",
     distributor: str = "multiprocessing",
     processes: int = 1,
+    **finalize_options: Any,
 ) -> dict:
-    """plan-download -> download per part -> finalize, through the library functions."""
+    """plan-download -> download per part -> finalize (with ``finalize_options``: holdout,
+    dedup_options), through the library functions."""
     plan = plan_download(
         ds_dir / "metadata" / "filtered.parquet",
         ds_dir / "download",
@@ -195,6 +197,7 @@ def build(
         tokenizer_spec=tokenizer,
         image_size=IMAGE_SIZE,
         shard_size=shard_size,
+        **finalize_options,
     )
 
 

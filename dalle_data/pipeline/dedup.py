@@ -192,7 +192,8 @@ def first_kept(hashes: np.ndarray, max_distance: int) -> Matches:
         a, b, dist = a[order], b[order], dist[order]
         kept = np.ones(unique.size, dtype=bool)
         starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]]) if a.size else a
-        for start, stop in zip(starts.tolist(), [*starts[1:].tolist(), a.size], strict=True):
+        stops = np.append(starts[1:], a.size) if a.size else a
+        for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
             u = int(a[start])
             for k in range(start, stop):
                 v = int(b[k])
