@@ -338,7 +338,9 @@ def decide(own: Images, references: list[Images], max_distance: int | None) -> d
 
 def _positions(matches: Matches, rows: np.ndarray) -> Matches:
     """Matches into a subset ``rows`` turned into matches into the whole table."""
-    index = np.where(matches.index >= 0, rows[np.maximum(matches.index, 0)], -1)
+    index = np.full(matches.index.size, -1, dtype=np.int64)
+    hit = matches.index >= 0
+    index[hit] = rows[matches.index[hit]]
     return Matches(index, matches.distance)
 
 
