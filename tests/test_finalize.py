@@ -195,7 +195,8 @@ def test_card_shows_duplicates_and_eval_size(built: dict[str, Path]) -> None:
         assert picture.height > 4 * 128
     examples = pq.read_table(shards / "duplicate_examples.parquet").to_pylist()
     assert all(e["jpg"] and e["matched_jpg"] for e in examples)
-    assert json.loads((shards / "manifest.json").read_text())["provenance"]["holdout"]["max_rows"] == 2
+    provenance = json.loads((shards / "manifest.json").read_text())["provenance"]
+    assert provenance["holdout"]["max_rows"] == 2
 
 
 def test_train_extend_refuses_an_eval_split(built: dict[str, Path]) -> None:
