@@ -98,10 +98,12 @@ def _expand(firsts: np.ndarray, counts: np.ndarray) -> Iterator[tuple[np.ndarray
         start = stop
 
 
-def _dedupe(i: np.ndarray, j: np.ndarray, d: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
+def _dedupe(
+    i: np.ndarray, j: np.ndarray, d: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs found through several bands, once each, sorted by (i, j)."""
     _, first = np.unique(i.astype(np.int64) * n + j, return_index=True)
-    return i[first], j[first], d[first]
+    return (i[first], j[first], d[first])
 
 
 def near_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -246,7 +248,7 @@ class Images:
     is_eval: np.ndarray
     phash: np.ndarray
     sha64: np.ndarray
-    part: np.ndarray | None = None
+    part: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     # Built datasets only: the folder and the manifest sha256 of each split.
     folders: dict[str, Path] = field(default_factory=dict)
     manifests: dict[str, str] = field(default_factory=dict)

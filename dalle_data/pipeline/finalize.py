@@ -346,6 +346,11 @@ def _hash_part(part_dir: Path, part_index: int) -> tuple[np.ndarray, ...]:
         for row_id, result in sorted(read_part_results(part_dir).items()):
             jpg = _image(images, result)
             if jpg is not None:
+                if not result.sha256:
+                    raise ShardError(
+                        f"img2dataset recorded no sha256 for row {row_id} in {part_dir}: "
+                        "delete the part and download it again"
+                    )
                 ids.append(row_id)
                 phashes.append(dedup.perceptual_hash(jpg))
                 shas.append(dedup.sha64(result.sha256))
