@@ -166,9 +166,13 @@ def finalize(
         + [refused.column("row_id").to_numpy()]
     )
     eval_rows = set(planned[eval_mask(planned, holdout)].tolist())
+    hashing = time.perf_counter()
     images = _hash_images(ds_dir, plan, eval_rows, dataset)
+    hashing = time.perf_counter() - hashing
+    searching = time.perf_counter()
     references = [dedup.read_images(name, Path(folder)) for name, folder in dedup_options.against]
     drops = dedup.decide(images, references, dedup_options.max_distance)
+    searching = time.perf_counter() - searching
     build = _Build(
         ds_dir=ds_dir,
         dataset=dataset,
@@ -207,7 +211,12 @@ def finalize(
         manifest = _write_split_manifest(build, split, counts, image_size, provenance)
     write_json(
         ds_dir / SPLIT_DIRS[TRAIN] / BUILD_RECORD,
-        _build_record(started, plan, manifest["counts"]["written"]),
+        _build_record(started, plan, manifest["counts"]["written"])
+        | {
+            "hash_seconds": round(hashing, 3),
+            "hashed_images": int(images.keys.size),
+            "dedup_search_seconds": round(searching, 3),
+        },
     )
     return manifest
 
