@@ -5,8 +5,8 @@ Search: N uniform 64-bit hashes with 1% of them replaced by planted near copies 
 planted pair and no pair farther apart than the distance (that it finds exactly the pairs
 all-pairs finds is the property test in tests/test_dedup.py). Goal: N = 2,000,000 in
 <= 60 s and <= 2 GiB peak (resident memory of this process, ru_maxrss) on 2 cores. Anchor:
-an all-pairs numpy scan (XOR + popcount, blockwise) on a 10,000-hash sample of the same data, scaled by
-(N / 10,000)**2, the cost the index avoids.
+an all-pairs numpy scan (XOR + popcount, blockwise) on a 10,000-hash sample of the same data,
+scaled by (N / 10,000)**2, the cost the index avoids.
 
 Hash: 256 px JPEGs (what img2dataset stores at image_size 256) hashed per image with the
 reduced decode (Pillow draft mode) vs a full decode; one process.

@@ -88,7 +88,7 @@ def test_rules_build_every_dataset_with_exact_accounting(workdir: Path) -> None:
         "wit": (wit_drops, {}, 4),
         "yfcc": (yfcc_drops, {}, 2),
         # The sample's file: URLs are refused unless the dataset allows them.
-        "sample": ({}, {"url_scheme": 2003}, 0),
+        "sample": ({}, {"url_scheme": 2004}, 0),
     }
     for ds, (norm_drops, filter_drops, output_rows) in expected.items():
         meta = workdir / "out" / ds / "metadata"
