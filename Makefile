@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,spark,slurm]"
 	@# pyspark (the Spark download test) needs a Java runtime; Debian ships one.
 	command -v java >/dev/null || (apt-get update -q && apt-get install -y -q default-jre-headless)
+	@# The serve page's browser test drives Debian's chromium; without it that test is skipped.
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver) \
+		|| echo "chromium could not be installed: tests/test_serve.py skips its browser test"
 	touch $(STAMP)
 
 demo: setup ## the offline demo: sample shards -> tiny model -> extended checkpoint + card
@@ -34,7 +37,7 @@ demo: setup ## the offline demo: sample shards -> tiny model -> extended checkpo
 	@$(PY) -m dalle_data.demo.summary data
 
 test: setup ## run the test suite (offline; about 10 minutes on 2 cores)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 # snakemake --lint must pass except for "Specify a conda environment or container for each
 # rule", which cannot apply: every rule runs `dalle-data` from the one venv `make setup`

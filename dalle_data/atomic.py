@@ -19,6 +19,8 @@ def _umask() -> int:
 
 # mkstemp creates 0600 files; final files get the mode a plain open() would give them.
 _FILE_MODE = 0o666 & ~_umask()
+# ... and folders made with mkdtemp (0700) the mode a plain mkdir would give them.
+DIR_MODE = 0o777 & ~_umask()
 
 
 @contextlib.contextmanager

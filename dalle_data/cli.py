@@ -5,17 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
+from typer import _click
 from typer.core import TyperGroup
 
+from dalle_data.config import dataset_default, schema_default
 from dalle_data.errors import DalleDataError
+from dalle_data.settings import DOWNLOAD_OPTIONS
 
 
 class _Commands(TyperGroup):
     """Turns every dalle-data error a command raises into one red line and exit code 1."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: _click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except DalleDataError as err:
@@ -29,6 +31,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+# Options a config also sets take their defaults from the config's schema.
+_FILTERS = {k: schema_default("filters", k) for k in ("min_words", "max_words")}
+_DOWNLOAD = {
+    key: schema_default("download", key)
+    for key in ("processes", "rows_per_part", *DOWNLOAD_OPTIONS)
+}
+_IMAGE_SIZE = schema_default("image_size")
+ImageSize = Annotated[int, typer.Option(help="shorter side of stored images, px")]
+_SHARD_SIZE = schema_default("shard_size")
+_EVAL_FRACTION = dataset_default("eval_fraction")
+_EVAL_MAX_ROWS = dataset_default("eval_max_rows")
+_MAX_DISTANCE = schema_default("dedup", "max_distance")
 
 
 def _key_value(item: str) -> tuple[str, str]:
@@ -89,15 +105,19 @@ def filter_cmd(
     allow_file_urls: Annotated[
         bool, typer.Option(help="let file: URLs through (only for the offline sample)")
     ] = False,
-    min_words: Annotated[int, typer.Option(help="fewest words in a cleaned caption")] = 1,
-    max_words: Annotated[int, typer.Option(help="most words in a cleaned caption")] = 200,
+    min_words: Annotated[int, typer.Option(help="fewest words in a cleaned caption")] = _FILTERS[
+        "min_words"
+    ],
+    max_words: Annotated[int, typer.Option(help="most words in a cleaned caption")] = _FILTERS[
+        "max_words"
+    ],
     blocklist: Annotated[
         list[str] | None, typer.Option(help="drop captions holding this word (repeat)")
     ] = None,
     workers: Annotated[int, typer.Option(help="caption cleaning processes (0 = all cores)")] = 0,
 ) -> None:
     """Subset, URL, caption and duplicate filters: filtered.parquet, dropped.parquet."""
-    from dalle_data.pipeline.filters import FilterOptions, run
+    from dalle_data.pipeline.filter_stage import FilterOptions, run
 
     options = FilterOptions(
         fraction=fraction,
@@ -145,7 +165,9 @@ def train_tokenizer_cmd(
 def plan_download_cmd(
     filtered: Annotated[Path, typer.Option(help="filtered.parquet from the filter stage")],
     out: Annotated[Path, typer.Option(help="plan folder: <out>/<ds>/download")],
-    rows_per_part: Annotated[int, typer.Option(help="rows per download part")] = 100_000,
+    rows_per_part: Annotated[int, typer.Option(help="rows per download part")] = _DOWNLOAD[
+        "rows_per_part"
+    ],
     allow_file_urls: Annotated[
         bool, typer.Option(help="fetch non-http(s) URLs (only for the offline sample)")
     ] = False,
@@ -165,17 +187,29 @@ def plan_download_cmd(
 def download_cmd(
     part: Annotated[Path, typer.Option(help="a part parquet written by plan-download")],
     out: Annotated[Path, typer.Option(help="the part's folder: <out>/<ds>/downloaded/part-NNNNN")],
-    image_size: Annotated[int, typer.Option(help="shorter side of stored images, px")] = 256,
-    processes: Annotated[int, typer.Option(help="download processes")] = 1,
-    thread_count: Annotated[int, typer.Option(help="threads per process")] = 32,
-    timeout: Annotated[float, typer.Option(help="seconds before a request is given up")] = 10,
-    retries: Annotated[int, typer.Option(help="retries after a failed request")] = 0,
-    min_image_size: Annotated[int, typer.Option(help="refuse images with a smaller side")] = 64,
-    max_aspect_ratio: Annotated[float, typer.Option(help="refuse longer/shorter above this")] = 3.0,
-    distributor: Annotated[
-        str, typer.Option(help="multiprocessing or pyspark")
-    ] = "multiprocessing",
-    user_agent_token: Annotated[str, typer.Option(help="token in the User-Agent")] = "dalle-data",
+    image_size: ImageSize = _IMAGE_SIZE,
+    processes: Annotated[int, typer.Option(help="download processes")] = _DOWNLOAD["processes"],
+    thread_count: Annotated[int, typer.Option(help="threads per process")] = _DOWNLOAD[
+        "thread_count"
+    ],
+    timeout: Annotated[
+        float, typer.Option(help="seconds before a request is given up")
+    ] = _DOWNLOAD["timeout"],
+    retries: Annotated[int, typer.Option(help="retries after a failed request")] = _DOWNLOAD[
+        "retries"
+    ],
+    min_image_size: Annotated[
+        int, typer.Option(help="refuse images with a smaller side")
+    ] = _DOWNLOAD["min_image_size"],
+    max_aspect_ratio: Annotated[
+        float, typer.Option(help="refuse longer/shorter above this")
+    ] = _DOWNLOAD["max_aspect_ratio"],
+    distributor: Annotated[str, typer.Option(help="multiprocessing or pyspark")] = _DOWNLOAD[
+        "distributor"
+    ],
+    user_agent_token: Annotated[str, typer.Option(help="token in the User-Agent")] = _DOWNLOAD[
+        "user_agent_token"
+    ],
     spark_master: Annotated[
         str | None, typer.Option(help="pyspark: cluster master URL (default local[processes])")
     ] = None,
@@ -208,17 +242,17 @@ def finalize_cmd(
     dataset_dir: Annotated[Path, typer.Option(help="<output_dir>/<dataset>")],
     dataset: Annotated[str, typer.Option(help="dataset name ([a-z0-9]+)")],
     tokenizer: Annotated[str, typer.Option(help="simple, hug:<json> or yttm:<model>")],
-    image_size: Annotated[int, typer.Option(help="shorter side of stored images, px")] = 256,
-    shard_size: Annotated[int, typer.Option(help="samples per shard")] = 1000,
+    image_size: ImageSize = _IMAGE_SIZE,
+    shard_size: Annotated[int, typer.Option(help="samples per shard")] = _SHARD_SIZE,
     eval_fraction: Annotated[
         float, typer.Option(help="fraction of the filtered rows held out as the eval split")
-    ] = 0.001,
+    ] = _EVAL_FRACTION,
     eval_max_rows: Annotated[
         int | None, typer.Option(help="at most this many eval rows (unset: no cap)")
-    ] = 10_000,
+    ] = _EVAL_MAX_ROWS,
     max_distance: Annotated[
         int, typer.Option(help="pHash Hamming distance at or below which images are duplicates")
-    ] = 3,
+    ] = _MAX_DISTANCE,
     near_duplicates: Annotated[
         bool, typer.Option(help="compare perceptual hashes; off: exact copies (sha256) only")
     ] = True,
@@ -331,6 +365,13 @@ def train_extend_cmd(
     evaluate_colours: Annotated[
         bool, typer.Option(help="measure colour accuracy on the sample's palette, into the card")
     ] = False,
+    held_out: Annotated[
+        bool,
+        typer.Option(
+            "--eval/--no-eval",
+            help="score parent and output on the dataset's eval split (<dataset>/eval) if any",
+        ),
+    ] = True,
 ) -> None:
     """Continue PARENT on shards; write the lineage-named checkpoint, lineage.json and card."""
     from decimal import Decimal, InvalidOperation
@@ -358,6 +399,7 @@ def train_extend_cmd(
         parent_lineage=parent_lineage,
         skip_corrupt=skip_corrupt,
         prompts=tuple(prompt) if prompt else DEFAULT_PROMPTS,
+        held_out=held_out,
     )
     evaluate = None
     if evaluate_colours:
@@ -435,6 +477,59 @@ def init_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="the checkpoint to score (.pt)")],
+    shards: Annotated[
+        Path, typer.Option(help="a held-out shard folder with manifest.json (<dataset>/eval)")
+    ],
+    batch_size: Annotated[
+        int, typer.Option(help="samples per forward pass (the scores do not depend on it)")
+    ] = 16,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda:N")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print the record as JSON")] = False,
+    vqgan_model_path: VqganModel = None,
+    vqgan_config_path: VqganConfig = None,
+    clip_model: Annotated[
+        str | None,
+        typer.Option(help="also a CLIP score: an open_clip model name or config JSON"),
+    ] = None,
+    clip_weights: Annotated[
+        Path | None,
+        typer.Option(help="that CLIP model's weights, a local .safetensors or .pt state dict"),
+    ] = None,
+    clip_captions: Annotated[
+        int, typer.Option(help="eval captions to generate an image for (CLIP score)")
+    ] = 16,
+    seed: Annotated[int, typer.Option(help="sampling seed of the CLIP score's images")] = 0,
+) -> None:
+    """Held-out text/image cross-entropy, loss and bits per image token; stored in eval.json."""
+    import json
+
+    from dalle_data.model.evaluate import evaluate_checkpoint, format_record
+
+    if (clip_model is None) != (clip_weights is None):
+        fail("pass --clip-model and --clip-weights together (weights are never downloaded)")
+    clip = None
+    if clip_model is not None:
+        clip = {
+            "model": clip_model,
+            "weights": clip_weights,
+            "captions": clip_captions,
+            "seed": seed,
+        }
+    record = evaluate_checkpoint(
+        checkpoint,
+        shards,
+        batch_size=batch_size,
+        device=device,
+        vqgan_model_path=vqgan_model_path,
+        vqgan_config_path=vqgan_config_path,
+        clip=clip,
+    )
+    typer.echo(json.dumps(record, indent=2, sort_keys=True) if as_json else format_record(record))
+
+
+@app.command("evaluate-colours")
+def evaluate_colours_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="a checkpoint trained on the sample")],
     per_colour: Annotated[int, typer.Option(help="images per colour")] = 8,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
@@ -467,6 +562,84 @@ def evaluate_cmd(
     if output is not None:
         write_json(output, result)
     typer.echo(json.dumps(result, indent=2))
+
+
+@app.command("collection")
+def collection_cmd(
+    root: Annotated[Path, typer.Argument(help="the collection folder (family folders inside)")],
+) -> None:
+    """Index a checkpoint collection: index.json, README.md front page, lineage.png, flags."""
+    from dalle_data.collection.index import FRONT_PAGE, write_index
+
+    index = write_index(root)
+    entries = index["checkpoints"]
+    for entry in entries:
+        for problem in entry["problems"]:
+            typer.echo(f"flag: {entry['path']}: {problem}")
+    for problem in index["problems"]:
+        typer.echo(f"flag: {problem}")
+    typer.echo(
+        f"{len(entries)} checkpoints, {len(index['eval_sets'])} eval sets; "
+        f"front page: {root / FRONT_PAGE}"
+    )
+
+
+@app.command("publish")
+def publish_cmd(
+    checkpoint_dir: Annotated[
+        Path, typer.Argument(help="a train-extend output folder, <output_dir>/<family>/<name>")
+    ],
+    root: Annotated[Path, typer.Argument(help="the collection folder")],
+) -> None:
+    """Copy a checkpoint folder into ROOT/<family>/<name>/ (verified, atomic) and re-index."""
+    from dalle_data.collection.index import FRONT_PAGE
+    from dalle_data.collection.publish import publish
+
+    result = publish(checkpoint_dir, root)
+    verb = "published" if result["published"] else "already published (same sha256)"
+    typer.echo(f"{verb}: {result['path']}; front page: {root / FRONT_PAGE}")
+
+
+@app.command("serve")
+def serve_cmd(
+    root: Annotated[Path, typer.Argument(help="the collection folder (its index.json)")],
+    host: Annotated[
+        str, typer.Option(help="address to listen on; 0.0.0.0 opens it to the network")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    max_images: Annotated[int, typer.Option(help="most images one request may ask for")] = 8,
+    timeout: Annotated[
+        float, typer.Option(help="seconds a request may take, waiting and loading included")
+    ] = 300.0,
+    max_loaded: Annotated[
+        int, typer.Option(help="models kept in memory per device (least recently used leave)")
+    ] = 2,
+    queue: Annotated[
+        int, typer.Option(help="requests that may wait for a device; more get 503 + Retry-After")
+    ] = 16,
+    vqgan_model_path: VqganModel = None,
+    vqgan_config_path: VqganConfig = None,
+) -> None:
+    """Serve a collection: dalle-service's HTTP API (/, /dalle-list, /dalle) and a page at /ui.
+
+    Point dalle-service's front-end at it with
+    https://rom1504.github.io/dalle-service/?back=http://127.0.0.1:8000
+    """
+    from dalle_data.serve.app import Settings, serve
+    from dalle_data.serve.models import VqganFiles
+
+    serve(
+        Settings(
+            root=root,
+            host=host,
+            port=port,
+            max_images=max_images,
+            timeout=timeout,
+            max_loaded=max_loaded,
+            queue=queue,
+            vqgan=VqganFiles(vqgan_model_path, vqgan_config_path),
+        )
+    )
 
 
 def main() -> None:

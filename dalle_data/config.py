@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 
 from dalle_data.errors import DalleDataError
@@ -33,7 +34,9 @@ def validate(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[st
     """Validate ``config`` against the JSON schema and fill schema defaults in place."""
     for name in config.get("datasets") or {}:
         validate_dataset_name(str(name))
-    schema = yaml.safe_load(schema_path.read_text())
+    import jsonschema  # only where a config is validated: `dalle-data --help` stays quick
+
+    schema = _schema(schema_path)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -75,6 +78,31 @@ def _check_dedup_against(datasets: dict[str, Any]) -> None:
 
     for name in datasets:
         visit(name, ())
+
+
+@functools.cache
+def _read_schema(schema_path: Path) -> dict[str, Any]:
+    return yaml.safe_load(schema_path.read_text())
+
+
+def _schema(schema_path: Path = SCHEMA_PATH) -> dict[str, Any]:
+    return copy.deepcopy(_read_schema(schema_path))
+
+
+def schema_default(*keys: str) -> Any:
+    """The schema's default for a key path (``"filters", "min_words"``): command-line
+    options take their defaults from here, so the schema is the only place they live."""
+    node = _read_schema(SCHEMA_PATH)
+    for key in keys:
+        node = node["properties"][key]
+    return copy.deepcopy(node["default"])
+
+
+def dataset_default(key: str) -> Any:
+    """The schema's default for a key every dataset may set (``eval_fraction``, ...)."""
+    return copy.deepcopy(
+        _read_schema(SCHEMA_PATH)["$defs"]["dataset"]["properties"][key]["default"]
+    )
 
 
 OUTPUT_DIR = "{output_dir}"
@@ -123,6 +151,8 @@ def load(path: str | Path) -> dict[str, Any]:
     return validate(yaml.safe_load(Path(path).read_text()) or {})
 
 
-def dataset_tokenizer(config: dict[str, Any], dataset: str) -> str:
-    """The tokenizer spec for ``dataset``: its own, else the global one."""
-    return config["datasets"][dataset].get("tokenizer") or config["tokenizer"]
+def tokenizer_file(spec: str) -> str | None:
+    """The file a tokenizer spec names (``hug:<path>``, ``yttm:<path>``); None for ``simple``
+    and for specs that do not parse (loading them says what is wrong)."""
+    kind, sep, location = spec.partition(":")
+    return location if sep and kind in ("hug", "yttm") and location else None

@@ -3,14 +3,16 @@
 
 import functools
 import json
-import re
 import shlex
 from pathlib import Path
 
 from dalle_data import config as ddconfig
+from dalle_data.settings import resolve
 from dalle_data.model.output_name import planned_output
 
 ddconfig.validate(config)
+# Every dataset's effective settings, decided once (dalle_data/settings.py).
+DS = resolve(config)
 
 OUT = config["output_dir"]
 
@@ -24,18 +26,19 @@ def ds_dir(dataset):
     return f"{OUT}/{dataset}"
 
 
-def ds_config(dataset):
-    if dataset not in config["datasets"]:
+def settings(dataset):
+    """The resolved settings of a configured dataset (a clear error for any other name)."""
+    if dataset not in DS:
         raise ValueError(
             f"dataset {dataset!r} is not configured: add it under `datasets:` in "
             "configs/config.yaml or a --configfile"
         )
-    return config["datasets"][dataset]
+    return DS[dataset]
 
 
 def verified(dataset):
     """The record `dalle-data verify` writes once a dataset's shards check out."""
-    ds_config(dataset)
+    settings(dataset)
     return f"{ds_dir(dataset)}/shards/verify.json"
 
 
@@ -48,76 +51,14 @@ def built(dataset):
     ]
 
 
-def dataset_image_size(dataset):
-    """Shorter side of stored images: the dataset's own `image_size`, else the global one."""
-    return ds_config(dataset).get("image_size") or config["image_size"]
-
-
 def tokenizer_input(dataset):
     """The tokenizer file a shard rule must wait for (none for the built-in `simple`)."""
-    spec = ddconfig.dataset_tokenizer(config, dataset)
-    return [spec.split(":", 1)[1]] if ":" in spec else []
+    return settings(dataset).tokenizer_file
 
 
-# Metadata (pipelines/metadata.smk): sources and the fetch/normalize/filter options.
-
-
-def _sources(dataset):
-    source = ds_config(dataset)["source"]
-    return [source] if isinstance(source, str) else list(source)
-
-
-def is_local(source):
-    return re.match(r"^(?i:https?|file)://", source) is None
-
-
-def local_sources(dataset):
-    """Local source files, so their rule (sample_source) runs first and edits refetch."""
-    subset = ds_config(dataset).get("subset")
-    return [s for s in _sources(dataset) + ([subset] if subset else []) if is_local(s)]
-
-
-def fetch_args(dataset):
-    cfg = ds_config(dataset)
-    args = [a for s in _sources(dataset) for a in ("--source", s)]
-    if cfg.get("subset"):
-        args += ["--subset", cfg["subset"]]
-    args += [a for i in cfg.get("wit_files") or [] for a in ("--select", str(i))]
-    return shlex.join(args)
-
-
-def normalize_args(dataset):
-    cfg = ds_config(dataset)
-    args = ["--format", cfg["format"]]
-    args += [a for lang in cfg.get("languages") or [] for a in ("--language", lang)]
-    args += [a for lic in cfg.get("licenses") or [] for a in ("--license", lic)]
-    return shlex.join(args)
-
-
-def filter_args(dataset):
-    cfg = ds_config(dataset)
-    filters = config.get("filters", {})
-    args = ["--fraction", str(cfg.get("fraction", 1.0))]
-    if cfg.get("max_rows"):
-        args += ["--max-rows", str(cfg["max_rows"])]
-    args.append("--allow-file-urls" if cfg.get("allow_file_urls") else "--no-allow-file-urls")
-    args += ["--min-words", str(filters.get("min_words", 1))]
-    args += ["--max-words", str(filters.get("max_words", 200))]
-    args += [a for w in filters.get("blocklist") or [] for a in ("--blocklist", w)]
-    return shlex.join(args)
-
-
-# Download (pipelines/download.smk).
-
-
-def spark_options(download):
-    """`--spark-master`/`--spark-conf` arguments for the pyspark distributor (quoted)."""
-    args = []
-    if download.get("spark_master"):
-        args.append(f"--spark-master {shlex.quote(download['spark_master'])}")
-    for key, value in sorted(download.get("spark_conf", {}).items()):
-        args.append(f"--spark-conf {shlex.quote(f'{key}={value}')}")
-    return " ".join(args)
+def stage_args(stage):
+    """A rule's `params:` function: the dataset's options for `dalle-data <stage>`."""
+    return lambda wc: getattr(settings(wc.dataset), f"{stage}_args")()
 
 
 # Shards (pipelines/shards.smk).
@@ -134,23 +75,7 @@ def downloaded_parts(wildcards):
 def dedup_against_indexes(wildcards):
     """index.parquet of both shard sets of every dataset this one dedups against, so
     Snakemake builds those datasets first."""
-    return [
-        f"{ds_dir(other)}/{folder}/index.parquet"
-        for other in ds_config(wildcards.dataset)["dedup_against"]
-        for folder in ("shards", "eval")
-    ]
-
-
-def finalize_args(dataset):
-    """The held-out split and dedup options of finalize."""
-    cfg = ds_config(dataset)
-    args = ["--eval-fraction", str(cfg["eval_fraction"])]
-    if cfg["eval_max_rows"] is not None:
-        args += ["--eval-max-rows", str(cfg["eval_max_rows"])]
-    args += ["--max-distance", str(config["dedup"]["max_distance"])]
-    args.append("--near-duplicates" if cfg["near_duplicates"] else "--no-near-duplicates")
-    args += [a for o in cfg["dedup_against"] for a in ("--dedup-against", f"{o}={ds_dir(o)}")]
-    return shlex.join(args)
+    return settings(wildcards.dataset).dedup_against_indexes
 
 
 # Training (pipelines/train.smk).
@@ -189,10 +114,28 @@ def trained_outputs():
     return outputs
 
 
+COLLECTION = f"{OUT}/collection"
+
+
+def collection_outputs():
+    """What `dalle-data publish` rewrites at the collection's root (the published folder
+    itself is not an output: Snakemake would create it first, and publish refuses a folder
+    that is already there with other contents)."""
+    return {
+        "index": f"{COLLECTION}/index.json",
+        "front_page": f"{COLLECTION}/README.md",
+        "lineage": f"{COLLECTION}/lineage.png",
+    }
+
+
 def demo_outputs():
-    """The offline demo's target (`all`): the trained checkpoint, its card and samples, and
-    the card of the dataset it trained on."""
-    return [*trained_outputs().values(), *built(TRAIN["dataset"])]
+    """The offline demo's target (`all`): the trained checkpoint, its card and samples, the
+    card of the dataset it trained on, and the collection it is published into."""
+    return [
+        *trained_outputs().values(),
+        *built(TRAIN["dataset"]),
+        *collection_outputs().values(),
+    ]
 
 
 def train_options():

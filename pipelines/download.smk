@@ -15,19 +15,14 @@ checkpoint plan_download:
         parts=directory(f"{OUT}/{{dataset}}/download/parts"),
     params:
         out=subpath(output.plan, parent=True),
-        rows_per_part=config["download"]["rows_per_part"],
-        file_urls=lambda wc: (
-            "--allow-file-urls"
-            if ds_config(wc.dataset).get("allow_file_urls")
-            else "--no-allow-file-urls"
-        ),
+        args=stage_args("plan"),
     log:
         f"{OUT}/{{dataset}}/logs/plan_download.log",
     benchmark:
         f"{OUT}/{{dataset}}/benchmarks/plan_download.tsv"
     shell:
-        "dalle-data plan-download --filtered {input} --out {params.out}"
-        " --rows-per-part {params.rows_per_part} {params.file_urls} > {log} 2>&1"
+        "dalle-data plan-download --filtered {input} --out {params.out} {params.args}"
+        " > {log} 2>&1"
 
 
 rule download:
@@ -40,18 +35,11 @@ rule download:
     resources:
         http=1,
     params:
-        image_size=lambda wc: dataset_image_size(wc.dataset),
-        d=config["download"],
-        spark=spark_options(config["download"]),
+        args=stage_args("download"),
     log:
         f"{OUT}/{{dataset}}/logs/download/{{part}}.log",
     benchmark:
         f"{OUT}/{{dataset}}/benchmarks/download/{{part}}.tsv"
     shell:
-        "dalle-data download --part {input} --out {output} --image-size {params.image_size}"
-        " --processes {threads} --thread-count {params.d[thread_count]}"
-        " --timeout {params.d[timeout]} --retries {params.d[retries]}"
-        " --min-image-size {params.d[min_image_size]}"
-        " --max-aspect-ratio {params.d[max_aspect_ratio]}"
-        " --distributor {params.d[distributor]}"
-        " --user-agent-token {params.d[user_agent_token]} {params.spark} > {log} 2>&1"
+        "dalle-data download --part {input} --out {output} --processes {threads}"
+        " {params.args} > {log} 2>&1"

@@ -2,21 +2,22 @@
 # Outputs: {OUT}/{dataset}/raw/fetch.json, metadata/normalized.parquet (+ normalize.json),
 # metadata/filtered.parquet (+ filter.json, dropped.parquet, report.json).
 
-import os
+for _ds in DS.values():
+    if _ds.generated_source is None:
+        continue
 
-_SAMPLE = config["datasets"].get("sample", {}).get("source")
-if isinstance(_SAMPLE, str) and is_local(_SAMPLE) and os.path.basename(_SAMPLE) == "sample.tsv":
-
-    rule sample_source:
+    rule:
+        name:
+            f"sample_source_{_ds.name}"
         """The bundled offline source (pictures + sample.tsv), generated, never downloaded."""
         output:
-            _SAMPLE,
+            _ds.generated_source,
         params:
             folder=subpath(output[0], parent=True),
         log:
-            f"{OUT}/sample/logs/sample_source.log",
+            f"{OUT}/{_ds.name}/logs/sample_source.log",
         benchmark:
-            f"{OUT}/sample/benchmarks/sample_source.tsv"
+            f"{OUT}/{_ds.name}/benchmarks/sample_source.tsv"
         threads: 1
         shell:
             "dalle-data make-sample {params.folder} > {log} 2>&1"
@@ -25,11 +26,11 @@ if isinstance(_SAMPLE, str) and is_local(_SAMPLE) and os.path.basename(_SAMPLE) 
 rule fetch:
     """Download (resuming) or link the dataset's source files; sha256s in fetch.json."""
     input:
-        lambda wc: local_sources(wc.dataset),
+        lambda wc: settings(wc.dataset).local_inputs,
     output:
         f"{OUT}/{{dataset}}/raw/fetch.json",
     params:
-        args=lambda wc: fetch_args(wc.dataset),
+        args=stage_args("fetch"),
         raw_dir=lambda wc: f"{ds_dir(wc.dataset)}/raw",
     log:
         f"{OUT}/{{dataset}}/logs/fetch.log",
@@ -51,7 +52,7 @@ rule normalize:
         dropped=f"{OUT}/{{dataset}}/metadata/normalize_dropped.parquet",
         record=f"{OUT}/{{dataset}}/metadata/normalize.json",
     params:
-        args=lambda wc: normalize_args(wc.dataset),
+        args=stage_args("normalize"),
         raw_dir=lambda wc: f"{ds_dir(wc.dataset)}/raw",
         metadata_dir=lambda wc: f"{ds_dir(wc.dataset)}/metadata",
     log:
@@ -76,7 +77,7 @@ rule filter:
         record=f"{OUT}/{{dataset}}/metadata/filter.json",
         report=f"{OUT}/{{dataset}}/metadata/report.json",
     params:
-        args=lambda wc: filter_args(wc.dataset),
+        args=stage_args("filter"),
         metadata_dir=lambda wc: f"{ds_dir(wc.dataset)}/metadata",
     log:
         f"{OUT}/{{dataset}}/logs/filter.log",

@@ -23,19 +23,13 @@ rule finalize:
     params:
         # <dataset_dir>/shards/manifest.json
         dataset_dir=subpath(output.manifest, ancestor=2),
-        tokenizer=lambda wc: ddconfig.dataset_tokenizer(config, wc.dataset),
-        image_size=lambda wc: dataset_image_size(wc.dataset),
-        shard_size=config["shard_size"],
-        split_and_dedup=lambda wc: finalize_args(wc.dataset),
+        args=stage_args("finalize"),
     log:
         f"{OUT}/{{dataset}}/logs/finalize.log",
     benchmark:
         f"{OUT}/{{dataset}}/benchmarks/finalize.tsv"
     shell:
-        "dalle-data finalize --dataset-dir {params.dataset_dir}"
-        " --dataset {wildcards.dataset} --tokenizer {params.tokenizer:q}"
-        " --image-size {params.image_size} --shard-size {params.shard_size}"
-        " {params.split_and_dedup} --no-card"
+        "dalle-data finalize --dataset-dir {params.dataset_dir} {params.args} --no-card"
         " > {log} 2>&1"
 
 

@@ -35,8 +35,7 @@ rule train:
     params:
         shards=subpath(input.shards, parent=True),
         epochs=TRAIN["epochs"],
-        # <output_dir>/<family>/<name>/<name>.pt
-        output_dir=subpath(output.checkpoint, ancestor=3),
+        output_dir=TRAIN["output_dir"],
         options=train_options(),
     log:
         f"{OUT}/{TRAIN['dataset']}/logs/train.log",
@@ -47,3 +46,20 @@ rule train:
         "dalle-data train-extend {input.parent} --shards {params.shards}"
         " --epochs {params.epochs} --output-dir {params.output_dir} {params.options}"
         " > {log} 2>&1"
+
+
+rule publish:
+    """Copy the trained checkpoint's folder into the collection and re-index it."""
+    input:
+        **trained_outputs(),
+    output:
+        **collection_outputs(),
+    params:
+        folder=subpath(input.checkpoint, parent=True),
+        root=subpath(output.index, parent=True),
+    log:
+        f"{OUT}/{TRAIN['dataset']}/logs/publish.log",
+    benchmark:
+        f"{OUT}/{TRAIN['dataset']}/benchmarks/publish.tsv"
+    shell:
+        "dalle-data publish {params.folder} {params.root} > {log} 2>&1"

@@ -21,7 +21,7 @@ ALLOWED = {
     "storage": set(),
     "demo": {"formats", "pipeline", "model"},
 }
-UTILITIES = {"errors", "atomic", "hashing", "compat", "config", "locations", "storage"}
+UTILITIES = {"errors", "atomic", "hashing", "compat", "config", "settings", "locations", "storage"}
 
 
 def _module_name(path: Path) -> str:

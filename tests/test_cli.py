@@ -25,6 +25,9 @@ COMMANDS = [
     "generate",
     "init",
     "evaluate",
+    "evaluate-colours",
+    "collection",
+    "publish",
 ]
 
 

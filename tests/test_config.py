@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from dalle_data import config
+from dalle_data.settings import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = yaml.safe_load((ROOT / "configs" / "config.yaml").read_text())
@@ -60,12 +61,6 @@ def test_source_may_be_a_string_or_a_list():
         config.validate(cfg)
 
 
-def test_dataset_tokenizer_falls_back_to_the_global_one():
-    cfg = config.validate(defaults())
-    assert config.dataset_tokenizer(cfg, "cc12m") == "simple"
-    assert config.dataset_tokenizer(cfg, "sample").startswith("hug:")
-
-
 def test_snakemake_refuses_a_bad_dataset_name_before_any_work(tmp_path):
     extra = tmp_path / "extra.yaml"
     extra.write_text(yaml.safe_dump({"datasets": {"my_set": DEFAULTS["datasets"]["cc12m"]}}))
@@ -84,9 +79,7 @@ def test_output_dir_placeholder_follows_an_overridden_output_dir():
     cfg["output_dir"] = "/scratch/build"
     config.validate(cfg)
     assert cfg["datasets"]["sample"]["source"] == "/scratch/build/sample/source/sample.tsv"
-    assert config.dataset_tokenizer(cfg, "sample") == (
-        "hug:/scratch/build/sample/tokenizer/tokenizer.json"
-    )
+    assert resolve(cfg)["sample"].tokenizer == "hug:/scratch/build/sample/tokenizer/tokenizer.json"
     assert cfg["train"]["output_dir"] == "/scratch/build/models"
     assert cfg["datasets"]["cc12m"]["source"].startswith("https://")
 

@@ -66,3 +66,13 @@ def test_demo_builds_a_lineage_named_checkpoint_with_card_and_quality(tmp_path: 
     assert summary.returncode == 0, summary.stderr
     assert f"data/models/custom/{NAME}/{NAME}.pt" in summary.stdout
     assert "colour accuracy" in summary.stdout
+    # published into the collection, whose front page the summary names
+    collection = tmp_path / "data/collection"
+    index = json.loads((collection / "index.json").read_text())
+    assert [e["path"] for e in index["checkpoints"]] == [f"custom/{NAME}/{NAME}.pt"]
+    assert (collection / "custom" / NAME / f"{NAME}.pt").read_bytes() == (
+        folder / f"{NAME}.pt"
+    ).read_bytes()
+    assert (collection / "lineage.png").is_file() and NAME in (collection / "README.md").read_text()
+    assert "collection: data/collection/README.md" in summary.stdout
+    assert "dalle-data serve data/collection" in summary.stdout.splitlines()[-1]

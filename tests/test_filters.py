@@ -15,20 +15,18 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from dalle_data.cli import app
-from dalle_data.pipeline import filters
+from dalle_data.pipeline import filter_stage, filters
+from dalle_data.pipeline.captions import FTFY_CONFIG, clean_caption, clean_captions
+from dalle_data.pipeline.filter_stage import FilterOptions, run
 from dalle_data.pipeline.filters import (
     BlocklistFilter,
     CaptionLengthFilter,
     FilterError,
-    FilterOptions,
     UrlSchemeFilter,
     choose_subset,
-    clean_caption,
-    clean_captions,
     duplicate_mask,
-    run,
 )
-from dalle_data.pipeline.sources import SCHEMA, make_rows
+from dalle_data.pipeline.sources import DROPPED_SCHEMA, SCHEMA, make_rows
 
 
 def _rows(urls: list[str], captions: list[str], start: int = 1) -> pa.Table:
@@ -120,7 +118,7 @@ _TEXT = st.text(
 def test_vectorised_cleaning_equals_ftfy_on_every_row(texts: list[str]) -> None:
     """The fast paths (no Python for plain ASCII, no ftfy where it changes nothing) give
     exactly what unescape + ftfy + whitespace gives for every caption."""
-    reference = [" ".join(ftfy.fix_text(_unescape(t), filters._FTFY).split()) for t in texts]
+    reference = [" ".join(ftfy.fix_text(_unescape(t), FTFY_CONFIG).split()) for t in texts]
     assert clean_captions(pa.array(texts)).to_pylist() == reference
     assert [clean_caption(t) for t in texts] == reference
 
@@ -244,8 +242,8 @@ def test_worker_pool_and_inline_cleaning_write_the_same_rows(
         for i in range(n)
     ]
     results = {}
-    for batch_rows in (filters.BATCH_ROWS, 7):
-        monkeypatch.setattr(filters, "BATCH_ROWS", batch_rows)
+    for batch_rows in (filter_stage.BATCH_ROWS, 7):
+        monkeypatch.setattr(filter_stage, "BATCH_ROWS", batch_rows)
         metadata = tmp_path / str(batch_rows) / "metadata"
         _write_normalized(metadata, _rows(urls, captions))
         record = run(metadata, FilterOptions(max_words=4, workers=2))
@@ -271,3 +269,27 @@ def test_cli_filter_without_normalized_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["filter", "--metadata-dir", str(tmp_path)])
     assert result.exit_code == 1
     assert "normalized.parquet does not exist: run `dalle-data normalize` first" in result.output
+
+
+def test_the_base_class_counts_and_excludes_what_a_filter_drops(tmp_path: Path) -> None:
+    """A concrete filter only decides; Filter.apply counts the rest and writes them."""
+    rows = _rows(["https://a/1", "ftp://b/2", "https://c/3"], ["x", "y", "z"])
+    with pq.ParquetWriter(tmp_path / "d.parquet", DROPPED_SCHEMA) as writer:
+        exclusions = filters.Exclusions(writer, ["url_scheme"])
+        kept = UrlSchemeFilter(allow_file_urls=False).apply(rows, exclusions)
+    assert kept.column("url").to_pylist() == ["https://a/1", "https://c/3"]
+    assert exclusions.counts == {"url_scheme": 1}
+    dropped = pq.read_table(tmp_path / "d.parquet").to_pylist()
+    assert [(d["row_id"], d["reason"], d["stage"]) for d in dropped] == [
+        (2, "url_scheme", "filter")
+    ]
+
+
+def test_duplicate_urls_are_a_filter_whose_first_row_wins_across_batches() -> None:
+    urls = ["https://a", "https://b", "https://a", "https://c", "https://b", "https://a"]
+    rows = _rows(urls, ["x"] * len(urls))
+    unit = filters.DuplicateUrlFilter(lambda pos: [urls[p] for p in pos])
+    for start in range(0, len(urls), 4):
+        unit.see(rows.slice(start, 4))
+    keep = [unit.keep(rows.slice(start, 4)).to_pylist() for start in range(0, len(urls), 4)]
+    assert sum(keep, []) == [True, True, False, True, False, False]

@@ -34,11 +34,12 @@ def test_generate_writes_one_row_per_prompt(tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "--top-k" in bad.output
 
 
-def test_evaluate_scores_every_image_and_saves_them_for_a_person(tmp_path: Path) -> None:
+def test_evaluate_colours_scores_every_image_and_saves_them_for_a_person(tmp_path: Path) -> None:
     shards = write_dataset(tmp_path, 16, 16)
     parent = init_parent(write_preset(tmp_path / "p.yaml"), tmp_path / "p.pt", shards=[shards])
     grid, figures = tmp_path / "colours.png", tmp_path / "quality.json"
-    args = ["evaluate", str(parent), "--per-colour", "2", "--grid", str(grid), "-o", str(figures)]
+    args = ["evaluate-colours", str(parent), "--per-colour", "2", "--grid", str(grid)]
+    args += ["-o", str(figures)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     quality = json.loads(figures.read_text())

@@ -26,7 +26,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary(output_dir: Path, config_paths: list[Path]) -> str:
-    """A few lines naming the shards, the checkpoint, its card and the quality figure."""
+    """A few lines naming the shards, the checkpoint, its card and the quality figure, and
+    ending with the command that serves the demo's collection."""
     merged: dict[str, Any] = {}
     for path in config_paths:
         merged = _merge(merged, yaml.safe_load(path.read_text(encoding="utf-8")) or {})
@@ -56,7 +57,50 @@ def summary(output_dir: Path, config_paths: list[Path]) -> str:
         )
     else:
         lines.append(f"quality:    not measured ({quality_path} is missing)")
+    lines += held_out_lines(final)
+    front_page = output_dir / "collection" / "README.md"
+    if front_page.is_file():
+        lines.append(f"collection: {front_page} (front page; index.json and lineage.png beside it)")
+    lines.append(
+        f"serve:      dalle-data serve {output_dir / 'collection'}"
+        "   # then open http://127.0.0.1:8000/ui"
+    )
     return "\n".join(lines)
+
+
+class HeldOutError(ValueError):
+    """The demo's child is not better than its parent on the held-out split."""
+
+
+def held_out_lines(final: Path) -> list[str]:
+    """Held-out loss of parent and child on each eval set; raises if the child is not better."""
+    from dalle_data.model.evaluate import EVAL_RECORD
+
+    records_path = final.parent / EVAL_RECORD
+    lineage_path = final.parent / "lineage.json"
+    if not (records_path.is_file() and lineage_path.is_file()):
+        return [f"held-out:   not measured (no eval split, so no {records_path})"]
+    history = json.loads(lineage_path.read_text(encoding="utf-8"))["history"]
+    parents = {r["manifest_sha256"]: r for r in history[-1].get("parent_evals") or []}
+    lines = []
+    worse = []
+    for record in json.loads(records_path.read_text(encoding="utf-8")):
+        if record["checkpoint"]["name"] != final.stem:
+            continue
+        parent = parents.get(record["manifest_sha256"])
+        versus = f", parent {parent['loss']:.4f}" if parent else ""
+        lines.append(
+            f"held-out:   loss {record['loss']:.4f}{versus} on {record['samples']} "
+            f"{record['dataset']} eval samples"
+        )
+        if parent and record["loss"] >= parent["loss"]:
+            worse.append(record["dataset"])
+    if worse:
+        raise HeldOutError(
+            f"the trained checkpoint is not better than its parent on the held-out "
+            f"{', '.join(worse)} split: train longer (train.epochs) or check the data"
+        )
+    return lines
 
 
 def main(argv: list[str]) -> int:

@@ -20,6 +20,7 @@ import ftfy
 import numpy as np
 import regex
 
+from dalle_data.config import tokenizer_file
 from dalle_data.errors import DalleDataError
 from dalle_data.hashing import sha256_bytes
 
@@ -371,8 +372,8 @@ def load(spec: str) -> Tokenizer:
     """The tokenizer for a config value: ``simple``, ``hug:<path>`` or ``yttm:<path>``."""
     if spec == "simple":
         return SimpleTokenizer()
-    kind, sep, location = spec.partition(":")
-    if not sep or kind not in ("hug", "yttm") or not location:
+    location = tokenizer_file(spec)
+    if location is None:
         raise TokenizerError(
             f"tokenizer spec {spec!r} is not understood: use `simple`, "
             "`hug:<path/to/tokenizer.json>` or `yttm:<path/to/model>`"
@@ -383,4 +384,4 @@ def load(spec: str) -> Tokenizer:
             f"tokenizer file {path} (from spec {spec!r}) does not exist: build it first "
             "(`dalle-data train-tokenizer` for hug:) or fix the path in the config"
         )
-    return HugTokenizer(spec, path) if kind == "hug" else YttmTokenizer(spec, path)
+    return HugTokenizer(spec, path) if spec.startswith("hug:") else YttmTokenizer(spec, path)

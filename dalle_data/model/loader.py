@@ -172,17 +172,28 @@ def random_resized_crop_box(
             left = int(draws[CROP_TRIES] * (width - side + 1))
             top = int(draws[CROP_TRIES + 1] * (height - side + 1))
             return left, top, side, side
+    return centre_box(width, height)
+
+
+def centre_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, side, side) of the central square: the deterministic crop of evaluation."""
     side = min(width, height)
     return (width - side) // 2, (height - side) // 2, side, side
 
 
 def decode_crop(
-    jpg: bytes, image_size: int, draws: Sequence[float], scale: tuple[float, float]
+    jpg: bytes, image_size: int, draws: Sequence[float] | None, scale: tuple[float, float]
 ) -> np.ndarray:
-    """Decode, randomly crop and resize one image to (image_size, image_size, 3) uint8."""
+    """Decode, crop and resize one image to (image_size, image_size, 3) uint8.
+
+    ``draws`` (a row of :func:`crop_draws`) pick a random crop; None takes the central square.
+    """
     img: Image.Image = Image.open(io.BytesIO(jpg))
     width, height = img.size
-    left, top, w, h = random_resized_crop_box(width, height, scale, draws)
+    if draws is None:
+        left, top, w, h = centre_box(width, height)
+    else:
+        left, top, w, h = random_resized_crop_box(width, height, scale, draws)
     box: tuple[float, float, float, float] = (left, top, left + w, top + h)
     if img.format == "JPEG" and w >= 2 * image_size:
         # DCT scaling: decode at 1/2, 1/4 or 1/8 size while the crop stays >= image_size.

@@ -1,4 +1,11 @@
-"""The model card (README.md beside a checkpoint), in the shape of the DALLE-models README."""
+"""The model card (README.md beside a checkpoint), in the shape of the DALLE-models README.
+
+It opens with Hugging Face Hub front matter (``library_name``, ``tags``, ``datasets``,
+``base_model`` naming the parent, held-out scores as ``model-index``) so machines can read
+what people read below it. ``dalle-data evaluate`` rewrites only the scores: the front
+matter's ``model-index`` and the body section between :data:`EVALS_START` and
+:data:`EVALS_END`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from dalle_data.atomic import atomic_open
+
+CARD = "README.md"
+EVALS_START = "<!-- held-out evaluation (dalle-data evaluate rewrites this section) -->"
+EVALS_END = "<!-- end of held-out evaluation -->"
+# (record field, model-index metric type, what it is), in the order tables show them.
+METRICS = (
+    ("loss", "loss", "held-out loss (DALLE-pytorch's weighted sum)"),
+    ("text_loss", "text_cross_entropy", "held-out text cross-entropy"),
+    ("image_loss", "image_cross_entropy", "held-out image cross-entropy"),
+    ("bits_per_image_token", "bits_per_image_token", "bits per image token"),
+    ("clip_score", "clip_score", "CLIP score"),
+)
 
 
 def _hparam_block(step: Mapping[str, Any], hparams: Mapping[str, Any]) -> str:
@@ -45,8 +66,13 @@ def render(
     prompts: Sequence[str],
     samples_file: str | None,
     quality: Mapping[str, Any] | None = None,
+    evals: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-    """Markdown for a checkpoint whose last training step is ``history[-1]``."""
+    """Markdown for a checkpoint whose last training step is ``history[-1]``.
+
+    ``evals`` are its eval.json records; the parent's scores on the same eval sets come
+    from ``history[-1]["parent_evals"]`` (train-extend measures them before training).
+    """
     step = history[-1]
     rows = "\n".join(
         f"| {i + 1} | {h['dataset']} | {h['epochs']} | {h['steps']} | "
@@ -54,7 +80,15 @@ def render(
         for i, h in enumerate(history)
     )
     tok = step.get("tokenizer") or {}
+    metadata = {
+        "library_name": "dalle-pytorch",
+        "pipeline_tag": "text-to-image",
+        "tags": ["dalle-pytorch", "dalle-data", "text-to-image", family, vae_class_name],
+        "datasets": list(dict.fromkeys(h["dataset"] for h in history)),
+        "base_model": step["parent"]["name"],
+    }
     parts = [
+        front_matter(metadata, name, evals),
         f"# {name}",
         "",
         f"`{family}/{name}`: a DALLE-pytorch checkpoint ({vae_class_name} image tokens), "
@@ -80,6 +114,8 @@ def render(
         "",
         f"Tokenizer: `{tok.get('spec', 'unrecorded')}` ({tok.get('vocab_size', '?')} tokens, "
         f"fingerprint `{str(tok.get('fingerprint', '?'))[:16]}`).",
+        "",
+        evals_section(evals, step.get("parent_evals") or ()),
         "",
         "## Generation capabilities and quality",
         "",
@@ -123,3 +159,89 @@ def write_card(path: Path, **kwargs: Any) -> Path:
     with atomic_open(path, "w", encoding="utf-8") as fh:
         fh.write(render(**kwargs))
     return Path(path)
+
+
+def model_index(name: str, evals: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The Hub's ``model-index``: one result per eval set, its scores as metrics."""
+    results = [
+        {
+            "task": {"type": "text-to-image", "name": "held-out evaluation"},
+            "dataset": {
+                "name": f"{r['dataset']} eval split",
+                "type": r["dataset"],
+                "split": r.get("split") or "eval",
+                "revision": r["manifest_sha256"],
+            },
+            "metrics": [
+                {"type": metric, "value": round(float(r[field]), 6), "name": what}
+                for field, metric, what in METRICS
+                if r.get(field) is not None
+            ],
+        }
+        for r in evals
+    ]
+    return [{"name": name, "results": results}] if results else []
+
+
+def front_matter(metadata: Mapping[str, Any], name: str, evals: Sequence[Mapping[str, Any]]) -> str:
+    """The YAML block the Hub reads, between ``---`` lines."""
+    data = dict(metadata)
+    index = model_index(name, evals)
+    if index:
+        data["model-index"] = index
+    return f"---\n{yaml.safe_dump(data, sort_keys=False, allow_unicode=True)}---\n"
+
+
+def evals_section(
+    evals: Sequence[Mapping[str, Any]], parent_evals: Sequence[Mapping[str, Any]]
+) -> str:
+    """The body's held-out scores, beside the parent's on the same eval set when known."""
+    lines = [EVALS_START, "## Held-out evaluation", ""]
+    if not evals:
+        lines += [
+            "Not evaluated yet: `dalle-data evaluate <checkpoint> --shards <dataset>/eval` "
+            "scores it on a held-out split and fills this section.",
+        ]
+    else:
+        parents = {r["manifest_sha256"]: r for r in parent_evals}
+        lines += [
+            "Mean per-sample cross-entropy (nats per token) on every sample of each held-out "
+            "set, centre-cropped, in a fixed order (`eval.json` has the full records). The "
+            "parent's scores are measured on the same set before training.",
+            "",
+            "| eval set | samples | loss | parent loss | text | image | bits / image token "
+            "| CLIP score |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in evals:
+            parent = parents.get(r["manifest_sha256"])
+            clip = f"{r['clip_score']:.4f}" if r.get("clip_score") is not None else "-"
+            parent_loss = f"{parent['loss']:.4f}" if parent else "-"
+            lines.append(
+                f"| {r['dataset']} (`{r['manifest_sha256'][:12]}`) | {r['samples']} | "
+                f"**{r['loss']:.4f}** | {parent_loss} | "
+                f"{r['text_loss']:.4f} | {r['image_loss']:.4f} | "
+                f"{r['bits_per_image_token']:.4f} | {clip} |"
+            )
+    return "\n".join([*lines, "", EVALS_END])
+
+
+def refresh_evals(
+    path: Path, evals: Sequence[Mapping[str, Any]], parent_evals: Sequence[Mapping[str, Any]]
+) -> None:
+    """Rewrite the scores of an existing card (front matter and section), keep the rest."""
+    text = Path(path).read_text(encoding="utf-8")
+    metadata: dict[str, Any] = {}
+    if text.startswith("---\n") and "\n---\n" in text[3:]:
+        head, text = text[4:].split("\n---\n", 1)
+        metadata = yaml.safe_load(head) or {}
+    title = text.split("\n", 1)[0].removeprefix("# ").strip()
+    metadata.pop("model-index", None)
+    section = evals_section(evals, parent_evals)
+    if EVALS_START in text and EVALS_END in text:
+        before, rest = text.split(EVALS_START, 1)
+        text = before + section + rest.split(EVALS_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(front_matter(metadata, title, evals) + text)

@@ -46,12 +46,6 @@ def parent_history(
         ) from err
 
 
-def family_of(vae_class_name: str) -> str:
-    from dalle_data.model.checkpoint import family
-
-    return family(vae_class_name)
-
-
 def planned_output(
     parent: Path,
     dataset: str,
@@ -82,7 +76,7 @@ def planned_output(
         ckpt = ckpt_io.load_checkpoint(parent)
         segments, _, _ = parent_history(ckpt, parent, parent_lineage)
         arch = lin.Architecture.from_hparams(ckpt["hparams"])
-        family = family_of(ckpt["vae_class_name"])
+        family = ckpt_io.family(ckpt["vae_class_name"])
     else:
         preset = Path(presets_dir) / f"{parent.stem}.yaml"
         if not preset.is_file():
@@ -95,4 +89,9 @@ def planned_output(
         segments = lin.parse_lineage(parent_lineage or "")
         family = presets.preset_family(preset)
     name = lin.model_name(arch, lin.extend(segments, dataset, Decimal(str(epochs))))
-    return Path(output_dir) / family / name / f"{name}.pt"
+    return checkpoint_path(Path(output_dir), family, name)
+
+
+def checkpoint_path(output_dir: Path, family: str, name: str) -> Path:
+    """Where a checkpoint of ``name`` goes: ``<output_dir>/<family>/<name>/<name>.pt``."""
+    return output_dir / family / name / f"{name}.pt"

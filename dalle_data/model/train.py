@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,12 @@ from dalle_data.formats.manifest import (
     verify,
 )
 from dalle_data.hashing import sha256_bytes, sha256_file
+from dalle_data.model import evaluate as evaluation
 from dalle_data.model import lineage as lin
+from dalle_data.model.compatibility import check_compatible
 from dalle_data.model.distributed import Dist, limit_cpu_threads, setup_distributed
 from dalle_data.model.loader import Batch, LoaderSpec, ShardRef, batches, steps_per_epoch
-from dalle_data.model.output_name import family_of, parent_history
+from dalle_data.model.output_name import checkpoint_path, parent_history
 
 DEFAULT_PROMPTS = (
     "An armchair in the shape of an avocado. An armchair imitating an avocado.",
@@ -70,6 +72,7 @@ class TrainArgs:
     skip_corrupt: bool = False
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     samples_per_prompt: int = 4
+    held_out: bool = True
 
 
 @dataclass(frozen=True)
@@ -164,12 +167,58 @@ def _latest_step_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _save_step(run_dir: Path, state: dict[str, Any]) -> None:
-    path = run_dir / f"step-{state['step']:06d}.pt"
+def _save_step(run_dir: Path, dalle: Any, progress: Progress) -> None:
+    state = {
+        "step": progress.step,
+        "weights": dalle.state_dict(),
+        "opt_state": progress.opt.state_dict(),
+        "rng": torch.get_rng_state(),
+        "losses": progress.losses[-1000:],
+        "seen": progress.seen,
+        "skipped": progress.skipped,
+    }
+    path = run_dir / f"step-{progress.step:06d}.pt"
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     for old in sorted(run_dir.glob("step-*.pt"))[:-STEP_CHECKPOINTS_KEPT]:
         old.unlink(missing_ok=True)
+
+
+@dataclass
+class Run:
+    """Everything decided before the first step: parent, model, data, output name, run id."""
+
+    ckpt: dict[str, Any]
+    parent_name: str
+    parent_sha: str
+    history: list[dict[str, Any]]
+    dalle: Any
+    data: ShardSet
+    spec: LoaderSpec
+    total: int
+    per_epoch: int
+    epochs_done: Decimal
+    segments: tuple[lin.Segment, ...]
+    name: str
+    family: str
+    final: Path
+    rid: str
+    run_dir: Path
+    held_out: evaluation.EvalSet | None = None
+    parent_evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Progress:
+    """What a step checkpoint saves and a resumed run restores."""
+
+    opt: torch.optim.Optimizer
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    seen: int = 0
+    skipped: int = 0
+    resumed_from: int = 0
+    seconds: float = 0.0
 
 
 def train_extend(args: TrainArgs, evaluate: Evaluation | None = None) -> Path:
@@ -178,10 +227,29 @@ def train_extend(args: TrainArgs, evaluate: Evaluation | None = None) -> Path:
     ``evaluate(dalle, tokenizer, folder)`` may add a quality figure to the card (the demo's
     colour accuracy); the training core knows nothing of what it measures.
     """
-    from dalle_data.model import checkpoint as ckpt_io
-
     limit_cpu_threads()
     dist = setup_distributed()
+    run = plan_run(args, dist)
+    if _already_done(run.final, run.rid):
+        if dist.is_root:
+            tqdm.write(f"{run.final} is already the result of this run; nothing to do")
+        return run.final
+    if dist.is_root:
+        score_parent(run, args)
+    progress = start_or_resume(run, args, dist)
+    train_steps(run, progress, args, dist)
+    dist.barrier()
+    if dist.is_root:
+        record = save_result(run, progress, args, dist)
+        finish_outputs(run, record, args, evaluate, score_output(run, args))
+        _remove_run_dir(run.run_dir)
+    return run.final
+
+
+def plan_run(args: TrainArgs, dist: Dist) -> Run:
+    """Load and check parent and shards, size the run and name its output."""
+    from dalle_data.model import checkpoint as ckpt_io
+
     if args.batch_size % dist.world_size:
         raise TrainError(
             f"--batch-size {args.batch_size} is the global batch and must divide evenly "
@@ -195,10 +263,11 @@ def train_extend(args: TrainArgs, evaluate: Evaluation | None = None) -> Path:
     dalle = ckpt_io.build_dalle(
         ckpt, vqgan_model_path=args.vqgan_model_path, vqgan_config_path=args.vqgan_config_path
     )
-    hparams = ckpt["hparams"]
     data = load_shard_set(args.shards, skip_corrupt=args.skip_corrupt)
-    _check_compatible(parent_path, ckpt, data, dalle)
-
+    check_compatible(parent_path, ckpt, data, dalle)
+    held_out = (
+        evaluation.held_out_split(args.shards, parent_path, ckpt, dalle) if args.held_out else None
+    )
     spec = LoaderSpec(
         shards=data.shards,
         batch_size=args.batch_size // dist.world_size,
@@ -219,111 +288,142 @@ def train_extend(args: TrainArgs, evaluate: Evaluation | None = None) -> Path:
         new_segments = lin.extend(segments, data.dataset, epochs_done)
     except lin.LineageError as err:
         raise TrainError(f"{err} ({total} of {per_epoch} steps per epoch)") from err
-    arch = lin.Architecture.from_hparams(hparams)
-    name = lin.model_name(arch, new_segments)
-    family = family_of(ckpt["vae_class_name"])
-    final = Path(args.output_dir) / family / name / f"{name}.pt"
+    name = lin.model_name(lin.Architecture.from_hparams(ckpt["hparams"]), new_segments)
+    family = ckpt_io.family(ckpt["vae_class_name"])
     parent_sha = sha256_file(parent_path)
     rid = run_id(args, parent_sha, data, dist.world_size)
-    if _already_done(final, rid):
-        if dist.is_root:
-            tqdm.write(f"{final} is already the result of this run; nothing to do")
-        return final
-    run_dir = Path(args.output_dir) / RUNS_DIR / rid
+    return Run(
+        ckpt=ckpt,
+        parent_name=parent_name,
+        parent_sha=parent_sha,
+        history=history,
+        dalle=dalle.to(dist.device),
+        data=data,
+        spec=spec,
+        total=total,
+        per_epoch=per_epoch,
+        epochs_done=epochs_done,
+        segments=new_segments,
+        name=name,
+        family=family,
+        final=checkpoint_path(Path(args.output_dir), family, name),
+        rid=rid,
+        run_dir=Path(args.output_dir) / RUNS_DIR / rid,
+        held_out=held_out,
+    )
 
-    dalle = dalle.to(dist.device)
-    params = [p for p in dalle.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=args.learning_rate)
-    if ckpt.get("opt_state"):
+
+def score_parent(run: Run, args: TrainArgs) -> None:
+    """The parent's held-out scores, before any step (or resumed weights) changes the model."""
+    if run.held_out is not None:
+        record = evaluation.score_parent(
+            run.dalle, Path(args.parent), run.parent_sha, run.held_out, batch_size=args.batch_size
+        )
+        run.parent_evals.append(record)
+
+
+def score_output(run: Run, args: TrainArgs) -> list[dict[str, Any]]:
+    """The saved checkpoint's held-out scores, stored in the eval.json beside it."""
+    if run.held_out is None:
+        return []
+    record = evaluation.score(run.dalle, run.held_out, batch_size=args.batch_size)
+    return [evaluation.store_record(run.final, record)]
+
+
+def start_or_resume(run: Run, args: TrainArgs, dist: Dist) -> Progress:
+    """The parent's optimizer state, or the latest step checkpoint of this same run."""
+    params = [p for p in run.dalle.parameters() if p.requires_grad]
+    progress = Progress(opt=torch.optim.Adam(params, lr=args.learning_rate))
+    if run.ckpt.get("opt_state"):
         try:
-            opt.load_state_dict(ckpt["opt_state"])
+            progress.opt.load_state_dict(run.ckpt["opt_state"])
         except (ValueError, KeyError) as err:
             raise TrainError(
-                f"parent {parent_path}: its optimizer state does not fit the model ({err}); "
+                f"parent {args.parent}: its optimizer state does not fit the model ({err}); "
                 "the checkpoint is inconsistent: re-save it without opt_state"
             ) from err
-    step, losses, seen, skipped = 0, [], 0, 0
-    resume = _latest_step_checkpoint(run_dir)
+    resume = _latest_step_checkpoint(run.run_dir)
     if resume is not None:
         state = torch.load(resume, map_location="cpu", weights_only=True)
-        dalle.load_state_dict(state["weights"])
-        opt.load_state_dict(state["opt_state"])
+        run.dalle.load_state_dict(state["weights"])
+        progress.opt.load_state_dict(state["opt_state"])
         torch.set_rng_state(state["rng"])
-        step, losses = state["step"], list(state["losses"])
-        seen, skipped = state["seen"], state["skipped"]
+        progress.step, progress.losses = state["step"], list(state["losses"])
+        progress.seen, progress.skipped = state["seen"], state["skipped"]
         if dist.is_root:
-            tqdm.write(f"resuming {rid} from {resume.name} (step {step} of {total})")
-    for group in opt.param_groups:
+            where = f"{resume.name} (step {progress.step} of {run.total})"
+            tqdm.write(f"resuming {run.rid} from {where}")
+    for group in progress.opt.param_groups:
         group["lr"] = args.learning_rate
-    resumed_from = step
-    if step == 0:
+    progress.resumed_from = progress.step
+    if progress.step == 0:
         torch.manual_seed(args.seed)
+    return progress
 
-    model: torch.nn.Module = dalle
+
+def train_steps(run: Run, progress: Progress, args: TrainArgs, dist: Dist) -> None:
+    """train_dalle.py's step (Adam, clip_grad_norm) until ``run.total``, saving step
+    checkpoints every ``--save-every-n-steps``."""
+    model: torch.nn.Module = run.dalle
     if dist.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            dalle, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+            run.dalle, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
         )
     model.train()
-    started, first_step = time.perf_counter(), step
+    params = [p for p in run.dalle.parameters() if p.requires_grad]
+    started, first_step = time.perf_counter(), progress.step
     bar = tqdm(
-        total=total,
-        initial=step,
-        desc=f"train {name}",
+        total=run.total,
+        initial=progress.step,
+        desc=f"train {run.name}",
         unit="step",
         disable=not dist.is_root,
         mininterval=1.0,
     )
-    while step < total:
-        epoch, start = divmod(step, per_epoch)
-        for batch in batches(spec, epoch, start):
+    while progress.step < run.total:
+        epoch, start = divmod(progress.step, run.per_epoch)
+        for batch in batches(run.spec, epoch, start):
             text, image, weight = _step_inputs(batch, dist.device)
             loss = model(text, image, return_loss=True) * weight
-            opt.zero_grad(set_to_none=True)
+            progress.opt.zero_grad(set_to_none=True)
             loss.backward()
             value, counts = _reduce_step(loss.detach(), (len(batch.keys), batch.skipped), dist)
-            step += 1
-            seen, skipped = seen + counts[0], skipped + counts[1]
+            progress.step += 1
+            progress.seen += counts[0]
+            progress.skipped += counts[1]
             if counts[0]:  # else every sample of the step was corrupt, on every rank
                 torch.nn.utils.clip_grad_norm_(params, args.clip_grad_norm)
-                opt.step()
-                losses.append(value)
-            rate = (step - first_step) * args.batch_size / (time.perf_counter() - started)
+                progress.opt.step()
+                progress.losses.append(value)
+            rate = (progress.step - first_step) * args.batch_size / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{rate:.0f}", refresh=False)
             bar.update()
-            if step % args.save_every_n_steps == 0 and step < total and dist.is_root:
-                _save_step(
-                    run_dir,
-                    {
-                        "step": step,
-                        "weights": dalle.state_dict(),
-                        "opt_state": opt.state_dict(),
-                        "rng": torch.get_rng_state(),
-                        "losses": losses[-1000:],
-                        "seen": seen,
-                        "skipped": skipped,
-                    },
-                )
-            if step >= total:
+            step = progress.step
+            if step % args.save_every_n_steps == 0 and step < run.total and dist.is_root:
+                _save_step(run.run_dir, run.dalle, progress)
+            if step >= run.total:
                 break
     bar.close()
-    dist.barrier()
-    if not dist.is_root:
-        return final
-    elapsed = time.perf_counter() - started
+    progress.seconds = time.perf_counter() - started
+
+
+def save_result(run: Run, progress: Progress, args: TrainArgs, dist: Dist) -> dict[str, Any]:
+    """The lineage-named checkpoint and lineage.json; returns the lineage record."""
+    from dalle_data.model import checkpoint as ckpt_io
+
     step_record = {
-        "run_id": rid,
-        "parent": {"name": parent_name, "sha256": parent_sha},
-        "dataset": data.dataset,
-        "manifest_sha256": list(data.manifest_sha256),
+        "run_id": run.rid,
+        "parent": {"name": run.parent_name, "sha256": run.parent_sha},
+        "dataset": run.data.dataset,
+        "manifest_sha256": list(run.data.manifest_sha256),
         "shards": [str(p) for p in args.shards],
-        "epochs": lin.format_epochs(epochs_done.quantize(Decimal("0.01"), ROUND_HALF_UP)),
-        "steps": total,
-        "steps_per_epoch": per_epoch,
-        "samples_seen": seen,
-        "resumed_from_step": resumed_from,
-        "corrupt_shards_skipped": list(data.corrupt),
-        "corrupt_samples_skipped": skipped,
+        "epochs": lin.format_epochs(run.epochs_done.quantize(Decimal("0.01"), ROUND_HALF_UP)),
+        "steps": run.total,
+        "steps_per_epoch": run.per_epoch,
+        "samples_seen": progress.seen,
+        "resumed_from_step": progress.resumed_from,
+        "corrupt_shards_skipped": list(run.data.corrupt),
+        "corrupt_samples_skipped": progress.skipped,
         "hyperparameters": {
             "batch_size": args.batch_size,
             "learning_rate": args.learning_rate,
@@ -331,65 +431,42 @@ def train_extend(args: TrainArgs, evaluate: Evaluation | None = None) -> Path:
             "seed": args.seed,
             "max_steps": args.max_steps,
             "world_size": dist.world_size,
-            "resize_ratio": spec.resize_ratio,
+            "resize_ratio": run.spec.resize_ratio,
             "optimizer": "Adam",
         },
-        "tokenizer": data.tokenizer,
-        "lineage": lin.format_lineage(new_segments),
-        "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
-        "train_seconds": round(elapsed, 1),
+        "tokenizer": run.data.tokenizer,
+        "lineage": lin.format_lineage(run.segments),
+        "final_loss": sum(progress.losses[-20:]) / max(1, len(progress.losses[-20:])),
+        "train_seconds": round(progress.seconds, 1),
+        "parent_evals": run.parent_evals,
     }
     record = {
-        "name": name,
-        "family": family,
-        "segments": lin.format_lineage(new_segments),
-        "history": [*history, step_record],
+        "name": run.name,
+        "family": run.family,
+        "segments": lin.format_lineage(run.segments),
+        "history": [*run.history, step_record],
     }
     ckpt_io.save_checkpoint(
-        final,
-        hparams=hparams,
-        vae_params=ckpt.get("vae_params"),
-        vae_class_name=ckpt["vae_class_name"],
-        weights=dalle.state_dict(),
-        epoch=int(ckpt.get("epoch") or 0) + math.ceil(epochs_done),
-        opt_state=opt.state_dict(),
+        run.final,
+        hparams=run.ckpt["hparams"],
+        vae_params=run.ckpt.get("vae_params"),
+        vae_class_name=run.ckpt["vae_class_name"],
+        weights=run.dalle.state_dict(),
+        epoch=int(run.ckpt.get("epoch") or 0) + math.ceil(run.epochs_done),
+        opt_state=progress.opt.state_dict(),
         scheduler_state=None,
         lineage=record,
-        tokenizer=data.tokenizer,
+        tokenizer=run.data.tokenizer,
     )
-    write_json(final.parent / "lineage.json", record)
-    finish_outputs(dalle, final, record, hparams, ckpt["vae_class_name"], args, evaluate)
+    write_json(run.final.parent / "lineage.json", record)
+    return record
+
+
+def _remove_run_dir(run_dir: Path) -> None:
     for leftover in run_dir.glob("step-*.pt"):
         leftover.unlink()
     with contextlib.suppress(OSError):
         run_dir.rmdir()
-    return final
-
-
-def _check_compatible(path: Path, ckpt: dict[str, Any], data: ShardSet, dalle: Any) -> None:
-    """The checks between parent and shards that train_dalle.py would only fail on later."""
-    vocab = ckpt["hparams"].get("num_text_tokens")
-    shards_vocab = data.tokenizer.get("vocab_size")
-    if vocab != shards_vocab:
-        raise TrainError(
-            f"the shards were tokenized with {data.tokenizer.get('spec')!r} "
-            f"({shards_vocab} tokens) but parent {path} has num_text_tokens={vocab}: rebuild "
-            "the shards with the parent's tokenizer (config `tokenizer`) or pick a parent "
-            "built for this vocabulary"
-        )
-    recorded = (ckpt.get("tokenizer") or {}).get("fingerprint")
-    if recorded and recorded != data.tokenizer.get("fingerprint"):
-        raise TrainError(
-            f"the shards' tokenizer {data.tokenizer.get('spec')!r} has the parent's vocabulary "
-            f"size but not its token ids (fingerprint {data.tokenizer.get('fingerprint')} vs "
-            f"the parent's {recorded}): rebuild the shards with the tokenizer recorded in {path}"
-        )
-    if data.image_size < dalle.vae.image_size:
-        raise TrainError(
-            f"the shards hold {data.image_size}px images but the parent's VAE needs "
-            f"{dalle.vae.image_size}px: rebuild the shards with image_size >= "
-            f"{dalle.vae.image_size} (crops are only resized down)"
-        )
 
 
 def _already_done(final: Path, rid: str) -> bool:
@@ -425,37 +502,38 @@ def _reduce_step(
 
 
 def finish_outputs(
-    dalle: Any,
-    final: Path,
+    run: Run,
     record: dict[str, Any],
-    hparams: dict[str, Any],
-    vae_class_name: str,
     args: TrainArgs,
     evaluate: Evaluation | None,
+    evals: list[dict[str, Any]],
 ) -> None:
-    """samples.png, the optional quality figure of ``evaluate``, and README.md beside ``final``."""
+    """samples.png, the optional quality figure of ``evaluate``, README.md beside the checkpoint
+    (with ``evals``, the checkpoint's held-out records)."""
     from dalle_data.formats import tokenizers
     from dalle_data.model import model_card as modelcard
     from dalle_data.model.generate import encode_prompts, generate_images, save_grid
 
+    dalle, folder = run.dalle, run.final.parent
     step = record["history"][-1]
     tokenizer = tokenizers.load(step["tokenizer"]["spec"])
     samples = None
     if args.prompts:
         text = encode_prompts(tokenizer, args.prompts, dalle.text_seq_len)
         images = generate_images(dalle, text, num_images=args.samples_per_prompt, seed=args.seed)
-        save_grid(images, final.parent / "samples.png", nrow=args.samples_per_prompt)
+        save_grid(images, folder / "samples.png", nrow=args.samples_per_prompt)
         samples = "samples.png"
-    quality = evaluate(dalle, tokenizer, final.parent) if evaluate else None
+    quality = evaluate(dalle, tokenizer, folder) if evaluate else None
     modelcard.write_card(
-        final.parent / "README.md",
+        folder / "README.md",
         name=record["name"],
         family=record["family"],
-        hparams=hparams,
-        vae_class_name=vae_class_name,
+        hparams=run.ckpt["hparams"],
+        vae_class_name=run.ckpt["vae_class_name"],
         history=record["history"],
         final_loss=step["final_loss"],
         prompts=list(args.prompts),
         samples_file=samples,
         quality=quality,
+        evals=evals,
     )

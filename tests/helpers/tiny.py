@@ -90,14 +90,23 @@ def write_dataset(
     image_size: int = 32,
     tokenizer: str | None = None,
     corrupt: int = 0,
+    split: str | None = None,
 ) -> Path:
-    """``<root>/<dataset>/shards`` with shards and a manifest, as finalize would leave them."""
+    """``<root>/<dataset>/shards`` with shards and a manifest, as finalize would leave them.
+
+    ``split="eval"``: the held-out split instead, ``<root>/<dataset>/eval`` with
+    ``<dataset>-eval-NNNNN.tar`` shards and ``"split": "eval"`` in its manifest.
+    """
+    import json
+
     from dalle_data.formats import tokenizers
-    from dalle_data.formats.manifest import write_manifest
+    from dalle_data.formats.manifest import MANIFEST, write_manifest
 
     spec = tokenizer or write_tokenizer(root / "tokenizer.json")
-    shards_dir = root / dataset / "shards"
-    records = write_tiny_shards(shards_dir, n, shard_size, dataset=dataset, corrupt=corrupt)
+    held_out = split == "eval"
+    shards_dir = root / dataset / ("eval" if held_out else "shards")
+    prefix = f"{dataset}-eval" if held_out else dataset
+    records = write_tiny_shards(shards_dir, n, shard_size, dataset=prefix, corrupt=corrupt)
     write_manifest(
         shards_dir,
         dataset=dataset,
@@ -106,6 +115,9 @@ def write_dataset(
         shards=records,
         counts={"input_rows": n, "dropped": {}, "failed": {}, "written": n},
     )
+    if split is not None:
+        manifest = json.loads((shards_dir / MANIFEST).read_text(encoding="utf-8"))
+        (shards_dir / MANIFEST).write_text(json.dumps({**manifest, "split": split}, indent=2))
     return shards_dir
 
 

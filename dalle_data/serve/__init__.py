@@ -1,0 +1,1 @@
+"""``dalle-data serve``: a collection over HTTP (dalle-service's API) and a page at /ui."""
