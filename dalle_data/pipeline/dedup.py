@@ -110,22 +110,8 @@ def near_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.nd
     """Every pair ``i < j`` with ``popcount(hashes[i] ^ hashes[j]) <= max_distance``:
     ``(i, j, distance)`` sorted by ``(i, j)``."""
     h = np.ascontiguousarray(hashes, dtype=np.uint64)
-    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for shift, width in bands(max_distance):
-        key = _band(h, shift, width)
-        order = np.argsort(key, kind="stable")
-        sorted_key, sorted_h = key[order], h[order]
-        new_group = np.ones(h.size, dtype=bool)
-        new_group[1:] = sorted_key[1:] != sorted_key[:-1]
-        group_end = np.append(np.flatnonzero(new_group)[1:], h.size)
-        ends = group_end[np.cumsum(new_group) - 1]
-        positions = np.arange(h.size)
-        for left, right in _expand(positions + 1, ends - positions - 1):
-            distance = np.bitwise_count(sorted_h[left] ^ sorted_h[right])
-            near = distance <= max_distance
-            a, b = order[left[near]], order[right[near]]
-            found.append((np.minimum(a, b), np.maximum(a, b), distance[near]))
-    return _dedupe(*_concat(found), h.size)
+    a, b, distance = _band_join(h, h, max_distance, same=True)
+    return _dedupe(np.minimum(a, b), np.maximum(a, b), distance, h.size)
 
 
 def cross_pairs(
@@ -134,19 +120,34 @@ def cross_pairs(
     """Every ``(query, reference)`` pair within ``max_distance``: ``(qi, ri, distance)``."""
     q = np.ascontiguousarray(queries, dtype=np.uint64)
     r = np.ascontiguousarray(reference, dtype=np.uint64)
+    return _dedupe(*_band_join(q, r, max_distance, same=False), max(r.size, 1))
+
+
+def _band_join(
+    q: np.ndarray, r: np.ndarray, max_distance: int, *, same: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs ``(query, reference, distance)`` within ``max_distance`` that share a band,
+    once per band they share. ``same`` (``q is r``): each unordered pair, not itself."""
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for shift, width in bands(max_distance):
         ref_key = _band(r, shift, width)
         order = np.argsort(ref_key, kind="stable")
         sorted_key, sorted_r = ref_key[order], r[order]
-        query_key = _band(q, shift, width)
-        lo = np.searchsorted(sorted_key, query_key, side="left")
-        hi = np.searchsorted(sorted_key, query_key, side="right")
+        if same:
+            # Each sorted position pairs with the later members of its group only.
+            source, lo = sorted_r, np.arange(1, r.size + 1)
+            hi = np.searchsorted(sorted_key, sorted_key, side="right")
+        else:
+            query_key = _band(q, shift, width)
+            source = q
+            lo = np.searchsorted(sorted_key, query_key, side="left")
+            hi = np.searchsorted(sorted_key, query_key, side="right")
         for left, right in _expand(lo, hi - lo):
-            distance = np.bitwise_count(q[left] ^ sorted_r[right])
+            distance = np.bitwise_count(source[left] ^ sorted_r[right])
             near = distance <= max_distance
-            found.append((left[near], order[right[near]], distance[near]))
-    return _dedupe(*_concat(found), max(r.size, 1))
+            query = order[left[near]] if same else left[near]
+            found.append((query, order[right[near]], distance[near]))
+    return _concat(found)
 
 
 def _concat(
@@ -181,33 +182,52 @@ def first_kept(hashes: np.ndarray, max_distance: int) -> Matches:
         return Matches(index, distance)
     unique, first, inverse = np.unique(h, return_index=True, return_inverse=True)
     inverse = inverse.ravel()
-    winner = first.copy()  # per unique hash: the kept element it maps to
-    gap = np.zeros(unique.size, dtype=np.uint8)
+    index[:] = first[inverse]
     if max_distance > 0 and unique.size > 1:
-        ui, uj, ud = near_pairs(unique, max_distance)
-        # Both directions, grouped by the unique hash whose first occurrence comes later.
-        a, b = np.concatenate([ui, uj]), np.concatenate([uj, ui])
-        dist = np.concatenate([ud, ud])
-        later = first[a] > first[b]
-        a, b, dist = a[later], b[later], dist[later]
-        order = np.lexsort((first[b], dist, first[a]))
-        a, b, dist = a[order], b[order], dist[order]
-        kept = np.ones(unique.size, dtype=bool)
-        starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]]) if a.size else a
-        stops = np.append(starts[1:], a.size) if a.size else a
-        for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
-            u = int(a[start])
-            for k in range(start, stop):
-                v = int(b[k])
-                if kept[v]:
-                    kept[u] = False
-                    winner[u], gap[u] = first[v], dist[k]
-                    break
-    index[:] = winner[inverse]
-    distance[:] = gap[inverse]
-    own = index == np.arange(h.size)
-    index[own] = -1
+        _near_unique(unique, first, inverse, max_distance, index, distance)
+    index[index == np.arange(h.size)] = -1
     return Matches(index, distance)
+
+
+def _near_unique(
+    unique: np.ndarray,
+    first: np.ndarray,
+    inverse: np.ndarray,
+    max_distance: int,
+    index: np.ndarray,
+    distance: np.ndarray,
+) -> None:
+    """The sequential part of :func:`first_kept`, over the unique hashes that have a near
+    neighbour: each, at its first occurrence, is kept unless an earlier kept one is near;
+    later copies of a dropped one take the closest kept one before them."""
+    ui, uj, ud = near_pairs(unique, max_distance)
+    a, b = np.concatenate([ui, uj]), np.concatenate([uj, ui])
+    dist = np.concatenate([ud, ud])
+    order = np.lexsort((first[b], dist, a))
+    a, b, dist = a[order], b[order], dist[order]
+    lo = np.searchsorted(a, np.arange(unique.size), side="left")
+    hi = np.searchsorted(a, np.arange(unique.size), side="right")
+    kept = np.ones(unique.size, dtype=bool)
+
+    def closest(u: int, before: int) -> tuple[int, int] | None:
+        """The closest (then earliest) kept neighbour of ``u`` first seen before ``before``."""
+        for k in range(lo[u], hi[u]):
+            v = int(b[k])
+            if kept[v] and first[v] < before:
+                return int(first[v]), int(dist[k])
+        return None
+
+    near = np.flatnonzero(hi > lo)
+    for u in near[np.argsort(first[near])].tolist():
+        match = closest(u, int(first[u]))
+        if match is not None:
+            kept[u] = False
+            index[first[u]], distance[first[u]] = match
+    copies = np.flatnonzero(~kept[inverse] & (np.arange(inverse.size) != first[inverse]))
+    for position in copies.tolist():
+        match = closest(int(inverse[position]), position)
+        if match is not None:
+            index[position], distance[position] = match
 
 
 def nearest(queries: np.ndarray, reference: np.ndarray, max_distance: int) -> Matches:
