@@ -206,3 +206,13 @@ def test_clip_score_from_local_weights_only(world: dict[str, Path], tmp_path: Pa
     assert code == 1 and "pickled code" in out
     code, out = run("evaluate", ckpt, "--shards", world["eval"], "--clip-model", config)
     assert code == 1 and "--clip-weights" in out
+
+
+def test_an_empty_eval_split_is_not_scored(tmp_path: Path) -> None:
+    """finalize writes eval/ for every dataset; one too small for eval_fraction has none."""
+    spec = write_tokenizer(tmp_path / "tok.json")
+    shards = write_dataset(tmp_path, 4, 4, dataset="small", tokenizer=spec)
+    write_dataset(tmp_path, 0, 4, dataset="small", tokenizer=spec, split="eval")
+    assert ev.find_eval_split([shards]) is None
+    eval_dir = write_dataset(tmp_path, 2, 4, dataset="small", tokenizer=spec, split="eval")
+    assert ev.find_eval_split([shards]) == eval_dir

@@ -98,10 +98,11 @@ def load_eval_set(path: str | os.PathLike[str]) -> EvalSet:
 
 
 def find_eval_split(shards_dirs: Sequence[Path]) -> Path | None:
-    """The held-out split beside training shards: ``<ds>/eval`` next to ``<ds>/shards``."""
+    """The held-out split beside training shards: ``<ds>/eval`` next to ``<ds>/shards``;
+    None when there is none, or it is empty (eval_fraction too small for the dataset)."""
     for shards in shards_dirs:
         candidate = Path(shards).parent / EVAL_SPLIT_DIR
-        if (candidate / MANIFEST).is_file():
+        if (candidate / MANIFEST).is_file() and read_manifest(candidate)["counts"]["written"]:
             return candidate
     return None
 
