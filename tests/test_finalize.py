@@ -82,7 +82,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with serve({**first_routes(), **second_routes()}) as server:
         write_metadata(first, rows(server, "first", sorted(FIRST)), {"empty": 2})
         write_metadata(second, rows(server, "second", [1, 2, 3]), {})
-        build(first, rows_per_part=8, dataset="first", holdout=HOLDOUT)
+        build(first, rows_per_part=20, dataset="first", holdout=HOLDOUT)
         build(
             second,
             rows_per_part=10,
@@ -90,7 +90,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             holdout=Holdout(fraction=0.0),
             dedup_options=DedupOptions(against=(("first", first),)),
         )
-    # The same downloads finalized again, hashed in worker processes this time.
+    # The same download finalized again, hashed in two worker processes (a slice each).
     shutil.copytree(first, again, ignore=shutil.ignore_patterns("shards", "eval"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(finalize_module, "ROWS_PER_HASH_PROCESS", 1)

@@ -52,8 +52,9 @@ SPLIT_DIRS = {TRAIN: "shards", EVAL: "eval"}
 TOKENIZE_BATCH = 1024
 # Duplicate pairs per reason kept with both images for the dataset card (near ones first).
 EXAMPLES_PER_REASON = 3
-# Rows a hashing process must have to pay for its start (~1 s; hashing runs ~2,000 rows/s).
-ROWS_PER_HASH_PROCESS = 20_000
+# Rows a hashing process must have to pay for its start (~1 s; hashing runs ~1,000 rows/s
+# on 256 px images: benchmarks/bench_dedup.py).
+ROWS_PER_HASH_PROCESS = 5_000
 _INDEX_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -315,19 +316,24 @@ def _part_rows(ds_dir: Path, part: dict[str, Any]) -> pa.Table:
 def _hash_images(
     ds_dir: Path, plan: dict[str, Any], eval_rows: set[int], dataset: str
 ) -> dedup.Images:
-    """pHash and sha256 of every downloaded image, parts hashed in parallel processes."""
+    """pHash and sha256 of every downloaded image, in parallel processes when there are
+    enough rows: each takes a part, or a slice of one when there are fewer parts than cores."""
     import multiprocessing as mp
 
-    jobs = [(ds_dir / "downloaded" / p["name"], i) for i, p in enumerate(plan["parts"])]
-    rows = plan["input_rows"]
     processes = min(
-        len(jobs), len(os.sched_getaffinity(0)), math.ceil(rows / ROWS_PER_HASH_PROCESS)
+        len(os.sched_getaffinity(0)), math.ceil(plan["input_rows"] / ROWS_PER_HASH_PROCESS)
     )
+    slices = math.ceil(processes / max(len(plan["parts"]), 1))
+    jobs = [
+        (ds_dir / "downloaded" / p["name"], i, k, slices)
+        for i, p in enumerate(plan["parts"])
+        for k in range(slices)
+    ]
     if processes > 1:
         with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
             hashed = list(pool.map(_hash_part, *zip(*jobs, strict=True)))
     else:
-        hashed = [_hash_part(part_dir, i) for part_dir, i in jobs]
+        hashed = [_hash_part(*job) for job in jobs]
     row_id, part, phash, sha = (
         np.concatenate([h[k] for h in hashed]) if hashed else np.zeros(0, dtype)
         for k, dtype in enumerate((np.int64, np.int32, np.uint64, np.uint64))
@@ -344,15 +350,22 @@ def _hash_images(
     )
 
 
-def _hash_part(part_dir: Path, part_index: int) -> tuple[np.ndarray, ...]:
-    """``(row_id, part, phash, sha64)`` of the images of one downloaded part."""
+def _hash_part(
+    part_dir: Path, part_index: int, slice_index: int, slices: int
+) -> tuple[np.ndarray, ...]:
+    """``(row_id, part, phash, sha64)`` of the images of slice ``slice_index`` of
+    ``slices`` (contiguous runs of rows, so of the tars) of one downloaded part."""
     from dalle_data.pipeline.download import read_part_results
 
     ids: list[int] = []
     phashes: list[int] = []
     shas: list[int] = []
+    results = sorted(read_part_results(part_dir).items())
+    mine = results[
+        slice_index * len(results) // slices : (slice_index + 1) * len(results) // slices
+    ]
     with _TarIndex(part_dir) as images:
-        for row_id, result in sorted(read_part_results(part_dir).items()):
+        for row_id, result in mine:
             jpg = _image(images, result)
             if jpg is not None:
                 if not result.sha256:

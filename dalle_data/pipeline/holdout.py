@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dalle_data.pipeline.filters import choose_subset, splitmix64
-
 EVAL_SALT = 0x6576616C5F73706C  # b"eval_spl"
 
 
@@ -36,6 +34,10 @@ class Holdout:
 
 def eval_mask(row_ids: np.ndarray, holdout: Holdout) -> np.ndarray:
     """True for the rows of ``row_ids`` that belong to the eval split."""
+    # Imported here: finalize's hashing processes import this module and need none of
+    # the caption filters' dependencies (pandas, ftfy).
+    from dalle_data.pipeline.filters import choose_subset, splitmix64
+
     row_ids = np.asarray(row_ids, dtype=np.int64)
     if holdout.fraction <= 0 or holdout.max_rows == 0 or not row_ids.size:
         return np.zeros(row_ids.size, dtype=bool)
