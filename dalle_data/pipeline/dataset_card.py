@@ -148,8 +148,8 @@ def _duplicates_markdown(folders: dict[str, Path]) -> str:
 
 
 def _duplicate_pairs(folders: dict[str, Path], path: Path) -> None:
-    """The example pairs of every split side by side, each under what it matched."""
-    from PIL import Image, ImageDraw
+    """The example pairs of every split side by side, each beside what it matched."""
+    from PIL import Image, ImageDraw, ImageOps
 
     pairs = []
     for split, folder in folders.items():
@@ -166,8 +166,7 @@ def _duplicate_pairs(folders: dict[str, Path], path: Path) -> None:
         y = 32 + i * (cell + margin)
         for column, data in enumerate((row["jpg"], row["matched_jpg"])):
             if data:
-                image = Image.open(io.BytesIO(data)).convert("RGB")
-                image.thumbnail((cell, cell))
+                image = ImageOps.contain(Image.open(io.BytesIO(data)).convert("RGB"), (cell, cell))
                 sheet.paste(image, (margin + column * (cell + margin), y))
         kind = "exact copy" if row["exact"] else f"Hamming {row['distance']}"
         text = (
