@@ -247,9 +247,9 @@ def finalize_cmd(
     eval_fraction: Annotated[
         float, typer.Option(help="fraction of the filtered rows held out as the eval split")
     ] = _EVAL_FRACTION,
-    eval_max_rows: Annotated[
-        int | None, typer.Option(help="at most this many eval rows (unset: no cap)")
-    ] = _EVAL_MAX_ROWS,
+    eval_max_rows: Annotated[int, typer.Option(help="at most this many eval rows (0: no cap)")] = (
+        _EVAL_MAX_ROWS
+    ),
     max_distance: Annotated[
         int, typer.Option(help="pHash Hamming distance at or below which images are duplicates")
     ] = _MAX_DISTANCE,
@@ -275,7 +275,7 @@ def finalize_cmd(
         tokenizer_spec=tokenizer,
         image_size=image_size,
         shard_size=shard_size,
-        holdout=Holdout(fraction=eval_fraction, max_rows=eval_max_rows),
+        holdout=Holdout(fraction=eval_fraction, max_rows=eval_max_rows or None),
         dedup_options=DedupOptions(
             max_distance=max_distance if near_duplicates else None, against=against
         ),

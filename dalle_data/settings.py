@@ -108,8 +108,7 @@ class DatasetSettings:
         args = ["--dataset", self.name, "--tokenizer", self.tokenizer]
         args += ["--image-size", str(self.image_size), "--shard-size", str(self.shard_size)]
         args += ["--eval-fraction", str(self.config["eval_fraction"])]
-        if self.config["eval_max_rows"] is not None:
-            args += ["--eval-max-rows", str(self.config["eval_max_rows"])]
+        args += ["--eval-max-rows", str(self.config["eval_max_rows"] or 0)]
         args += ["--max-distance", str(self.dedup["max_distance"])]
         args.append(
             "--near-duplicates" if self.config["near_duplicates"] else "--no-near-duplicates"

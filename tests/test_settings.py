@@ -50,7 +50,10 @@ def test_dedup_against_names_the_other_datasets_folders() -> None:
     wit = resolve(_config(wit={"format": "wit", "source": "w.tsv", "dedup_against": ["cc12m"]}))
     args = shlex.split(wit["wit"].finalize_args())
     assert args[args.index("--dedup-against") + 1] == "cc12m=data/cc12m"
-    assert "--near-duplicates" in args and "--eval-max-rows" in args
+    assert "--near-duplicates" in args
+    uncapped = {"format": "wit", "source": "w.tsv", "eval_max_rows": None}
+    args = shlex.split(resolve(_config(wit=uncapped))["wit"].finalize_args())
+    assert args[args.index("--eval-max-rows") + 1] == "0"
     assert wit["wit"].dedup_against_indexes == [
         "data/cc12m/shards/index.parquet",
         "data/cc12m/eval/index.parquet",
