@@ -17,14 +17,14 @@ setup: $(STAMP) ## create .venv with the whole stack (idempotent; a second run d
 
 # The install order is the fix for three traps (../shared/ENVIRONMENT.md): youtokentome
 # needs Cython + wheel without build isolation; torchvision must match torch 2.14.1;
-# dalle_pytorch needs pkg_resources (setuptools<81). The spark and slurm extras are
-# installed because the test suite exercises both.
+# dalle_pytorch needs pkg_resources (setuptools<81). The spark, slurm and storage extras are
+# installed because the test suite exercises them.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip Cython wheel "setuptools>=77,<81"
 	$(PY) -m pip install -q --no-build-isolation youtokentome==1.0.6
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev,spark,slurm]"
+	$(PY) -m pip install -q -e ".[dev,spark,slurm,storage]"
 	@# pyspark (the Spark download test) needs a Java runtime; Debian ships one.
 	command -v java >/dev/null || (apt-get update -q && apt-get install -y -q default-jre-headless)
 	@# The serve page's browser test drives Debian's chromium; without it that test is skipped.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,18 +11,37 @@ from typer import _click
 from typer.core import TyperGroup
 
 from dalle_data.config import dataset_default, schema_default
-from dalle_data.errors import DalleDataError
+from dalle_data.errors import DalleDataError, DalleDataWarning
+from dalle_data.model.shard_cache import DEFAULT_SIZE
 from dalle_data.settings import DOWNLOAD_OPTIONS
 
 
 class _Commands(TyperGroup):
-    """Turns every dalle-data error a command raises into one red line and exit code 1."""
+    """Turns every dalle-data error a command raises into one red line and exit code 1,
+    and every dalle-data warning into one yellow line."""
 
     def invoke(self, ctx: _click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except DalleDataError as err:
-            fail(str(err))
+        with warnings.catch_warnings():
+            show = warnings.showwarning
+
+            def one_line(
+                message: Warning | str,
+                category: type[Warning],
+                filename: str,
+                lineno: int,
+                file: Any = None,
+                line: str | None = None,
+            ) -> None:
+                if issubclass(category, DalleDataWarning):
+                    typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+                else:
+                    show(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = one_line
+            try:
+                return super().invoke(ctx)
+            except DalleDataError as err:
+                fail(str(err))
 
 
 app = typer.Typer(
@@ -78,7 +98,7 @@ def fetch_cmd(
 
 @app.command("normalize")
 def normalize_cmd(
-    format: Annotated[str, typer.Option(help="source format: cc12m, wit or yfcc")],
+    format: Annotated[str, typer.Option(help="source format: cc12m, wit, yfcc or yfcc_sqlite")],
     raw_dir: Annotated[Path, typer.Option(help="the fetched files: <out>/<ds>/raw")],
     metadata_dir: Annotated[Path, typer.Option(help="output folder: <out>/<ds>/metadata")],
     language: Annotated[
@@ -302,6 +322,25 @@ def verify_cmd(
     typer.echo(f"ok: {report['shards']} shards, {report['samples']} samples")
 
 
+@app.command("put")
+def put_cmd(
+    source: Annotated[Path, typer.Argument(help="a local file or folder")],
+    dest: Annotated[
+        str, typer.Argument(help="where it goes: a folder or an s3://, gs://, hf:// URL")
+    ],
+) -> None:
+    """Copy a file or a folder's files to DEST, each appearing complete or not at all.
+
+    A bucket gets one PUT (or a completed multipart upload) per file; a local DEST gets hard
+    links where possible. The pipeline uses it to stage a shards folder for Snakemake's
+    storage plugin.
+    """
+    from dalle_data import locations
+
+    locations.put(source, dest)
+    typer.echo(f"{source} -> {dest}")
+
+
 @app.command("card")
 def card_cmd(
     shards_dir: Annotated[Path, typer.Argument(help="a shards folder with manifest.json")],
@@ -315,32 +354,52 @@ def card_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="a DALLE-pytorch checkpoint (.pt)")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(help="a DALLE-pytorch checkpoint (.pt), or a VQGAN .ckpt or .yaml config"),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="print machine-readable JSON")] = False,
 ) -> None:
-    """Print a checkpoint's architecture, VAE, lineage, epochs, size and name."""
+    """Print a checkpoint's architecture, VAE, lineage, epochs, size and name.
+
+    On a taming VQGAN (weights, Lightning checkpoint or config): its codebook size,
+    downsampling factor and image tokens at 256 px.
+    """
     import json
 
-    from dalle_data.model.checkpoint import format_summary, load_checkpoint, summary
+    from dalle_data.model.checkpoint import inspect_file
 
-    info = summary(load_checkpoint(checkpoint), file_name=checkpoint.name)
-    typer.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else format_summary(info))
+    info, text = inspect_file(checkpoint)
+    typer.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else text)
 
 
 VqganModel = Annotated[
     Path | None, typer.Option(help="VQGAN model .ckpt (taming parents; default ~/.cache/dalle)")
 ]
 VqganConfig = Annotated[Path | None, typer.Option(help="VQGAN config .yml beside the model")]
+CacheDir = Annotated[
+    Path | None,
+    typer.Option(help="local cache for remote shards (default ~/.cache/dalle-data/shards)"),
+]
+CacheSize = Annotated[
+    str, typer.Option(help="most bytes the cache keeps, e.g. 50GB (least recently used go)")
+]
 
 
 @app.command("train-extend")
 def train_extend_cmd(
     parent: Annotated[Path, typer.Argument(help="the checkpoint to continue (.pt)")],
     shards: Annotated[
-        list[Path], typer.Option(help="a shards folder with manifest.json (repeatable)")
+        list[str],
+        typer.Option(
+            help="a shards folder with manifest.json, or its s3://, gs://, hf:// or http(s):// "
+            "URL (repeatable)"
+        ),
     ],
     epochs: Annotated[str, typer.Option(help="epochs to train (may be fractional)")],
-    output_dir: Annotated[Path, typer.Option(help="writes <dir>/<family>/<name>/<name>.pt")],
+    output_dir: Annotated[
+        str, typer.Option(help="writes <dir>/<family>/<name>/<name>.pt (a folder or a bucket URL)")
+    ],
     batch_size: Annotated[int, typer.Option(help="global batch size (split across ranks)")] = 16,
     learning_rate: Annotated[float, typer.Option(help="Adam learning rate")] = 3e-4,
     clip_grad_norm: Annotated[float, typer.Option(help="gradient norm clip")] = 0.5,
@@ -372,10 +431,18 @@ def train_extend_cmd(
             help="score parent and output on the dataset's eval split (<dataset>/eval) if any",
         ),
     ] = True,
+    cache_dir: CacheDir = None,
+    cache_size: CacheSize = DEFAULT_SIZE,
 ) -> None:
-    """Continue PARENT on shards; write the lineage-named checkpoint, lineage.json and card."""
+    """Continue PARENT on shards; write the lineage-named checkpoint, lineage.json and card.
+
+    Remote shards stream through a local cache (fetched whole, sha256-checked, prefetched,
+    least recently used evicted); a bucket --output-dir gets the results when they are done.
+    """
     from decimal import Decimal, InvalidOperation
 
+    from dalle_data import locations
+    from dalle_data.model.shard_cache import parse_size
     from dalle_data.model.train import DEFAULT_PROMPTS, TrainArgs, train_extend
 
     try:
@@ -384,9 +451,9 @@ def train_extend_cmd(
         fail(f"--epochs {epochs!r} is not a number: pass e.g. 1 or 0.5")
     args = TrainArgs(
         parent=parent,
-        shards=tuple(shards),
+        shards=tuple(locations.normalize(s) for s in shards),
         epochs=epochs_value,
-        output_dir=output_dir,
+        output_dir=locations.normalize(output_dir),
         batch_size=batch_size,
         learning_rate=learning_rate,
         clip_grad_norm=clip_grad_norm,
@@ -400,6 +467,8 @@ def train_extend_cmd(
         skip_corrupt=skip_corrupt,
         prompts=tuple(prompt) if prompt else DEFAULT_PROMPTS,
         held_out=held_out,
+        cache_dir=cache_dir,
+        cache_size=parse_size(cache_size),
     )
     evaluate = None
     if evaluate_colours:
@@ -479,7 +548,11 @@ def init_cmd(
 def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="the checkpoint to score (.pt)")],
     shards: Annotated[
-        Path, typer.Option(help="a held-out shard folder with manifest.json (<dataset>/eval)")
+        str,
+        typer.Option(
+            help="a held-out shard folder with manifest.json (<dataset>/eval), or its s3://, "
+            "gs://, hf:// or http(s):// URL"
+        ),
     ],
     batch_size: Annotated[
         int, typer.Option(help="samples per forward pass (the scores do not depend on it)")
@@ -500,6 +573,7 @@ def evaluate_cmd(
         int, typer.Option(help="eval captions to generate an image for (CLIP score)")
     ] = 16,
     seed: Annotated[int, typer.Option(help="sampling seed of the CLIP score's images")] = 0,
+    cache_dir: CacheDir = None,
 ) -> None:
     """Held-out text/image cross-entropy, loss and bits per image token; stored in eval.json."""
     import json
@@ -524,6 +598,7 @@ def evaluate_cmd(
         vqgan_model_path=vqgan_model_path,
         vqgan_config_path=vqgan_config_path,
         clip=clip,
+        cache_dir=cache_dir,
     )
     typer.echo(json.dumps(record, indent=2, sort_keys=True) if as_json else format_record(record))
 
@@ -566,12 +641,14 @@ def evaluate_colours_cmd(
 
 @app.command("collection")
 def collection_cmd(
-    root: Annotated[Path, typer.Argument(help="the collection folder (family folders inside)")],
+    root: Annotated[str, typer.Argument(help="the collection folder (family folders inside)")],
 ) -> None:
     """Index a checkpoint collection: index.json, README.md front page, lineage.png, flags."""
+    from dalle_data import locations
     from dalle_data.collection.index import FRONT_PAGE, write_index
 
-    index = write_index(root)
+    folder = locations.local_only(root, "collection ROOT")
+    index = write_index(folder)
     entries = index["checkpoints"]
     for entry in entries:
         for problem in entry["problems"]:
@@ -580,7 +657,7 @@ def collection_cmd(
         typer.echo(f"flag: {problem}")
     typer.echo(
         f"{len(entries)} checkpoints, {len(index['eval_sets'])} eval sets; "
-        f"front page: {root / FRONT_PAGE}"
+        f"front page: {folder / FRONT_PAGE}"
     )
 
 
@@ -589,20 +666,22 @@ def publish_cmd(
     checkpoint_dir: Annotated[
         Path, typer.Argument(help="a train-extend output folder, <output_dir>/<family>/<name>")
     ],
-    root: Annotated[Path, typer.Argument(help="the collection folder")],
+    root: Annotated[str, typer.Argument(help="the collection folder")],
 ) -> None:
     """Copy a checkpoint folder into ROOT/<family>/<name>/ (verified, atomic) and re-index."""
+    from dalle_data import locations
     from dalle_data.collection.index import FRONT_PAGE
     from dalle_data.collection.publish import publish
 
-    result = publish(checkpoint_dir, root)
+    folder = locations.local_only(root, "publish ROOT")
+    result = publish(checkpoint_dir, folder)
     verb = "published" if result["published"] else "already published (same sha256)"
-    typer.echo(f"{verb}: {result['path']}; front page: {root / FRONT_PAGE}")
+    typer.echo(f"{verb}: {result['path']}; front page: {folder / FRONT_PAGE}")
 
 
 @app.command("serve")
 def serve_cmd(
-    root: Annotated[Path, typer.Argument(help="the collection folder (its index.json)")],
+    root: Annotated[str, typer.Argument(help="the collection folder (its index.json)")],
     host: Annotated[
         str, typer.Option(help="address to listen on; 0.0.0.0 opens it to the network")
     ] = "127.0.0.1",
@@ -625,12 +704,13 @@ def serve_cmd(
     Point dalle-service's front-end at it with
     https://rom1504.github.io/dalle-service/?back=http://127.0.0.1:8000
     """
+    from dalle_data import locations
     from dalle_data.serve.app import Settings, serve
     from dalle_data.serve.models import VqganFiles
 
     serve(
         Settings(
-            root=root,
+            root=locations.local_only(root, "serve ROOT"),
             host=host,
             port=port,
             max_images=max_images,

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from dalle_data import locations
 from dalle_data.errors import DalleDataError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "configs" / "config.schema.yaml"
@@ -49,6 +50,7 @@ def validate(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[st
             + "\n  ".join(lines)
         )
     _fill_defaults(config, schema, schema)
+    _check_locations(config)
     _expand_output_dir(config)
     _check_dedup_against(config["datasets"])
     return config
@@ -80,6 +82,30 @@ def _check_dedup_against(datasets: dict[str, Any]) -> None:
         visit(name, ())
 
 
+def _check_locations(config: dict[str, Any]) -> None:
+    """A bucket output_dir must be writable; storage options must hold no secret."""
+    try:
+        locations.normalize(config["output_dir"])
+        locations.check_options(config["storage_options"], "config key storage_options")
+    except locations.LocationError as err:
+        raise ConfigError(f"config key output_dir or storage_options: {err}") from None
+    if locations.scheme(config["output_dir"]) in locations.READ_ONLY:
+        raise ConfigError(
+            f"config key output_dir: {config['output_dir']} is read-only (http): use a local "
+            "folder or an s3:// or gs:// bucket URL"
+        )
+
+
+def local_output_dir(config: dict[str, Any]) -> str:
+    """Where the stages write: output_dir, or work_dir when output_dir is a bucket URL."""
+    return config["work_dir"] if locations.is_remote(config["output_dir"]) else config["output_dir"]
+
+
+def bucket_output_dir(config: dict[str, Any]) -> str | None:
+    """The bucket URL finished shards go to, or None when output_dir is a local folder."""
+    return config["output_dir"].rstrip("/") if locations.is_remote(config["output_dir"]) else None
+
+
 @functools.cache
 def _read_schema(schema_path: Path) -> dict[str, Any]:
     return yaml.safe_load(schema_path.read_text())
@@ -109,11 +135,13 @@ OUTPUT_DIR = "{output_dir}"
 
 
 def _expand_output_dir(config: dict[str, Any]) -> None:
-    """Replace ``{output_dir}`` in paths, so moving output_dir moves every built input too."""
+    """Replace ``{output_dir}`` in paths, so moving output_dir moves every built input too
+    (to the local work_dir when output_dir is a bucket)."""
+    out = local_output_dir(config)
 
     def expand(value: Any) -> Any:
         if isinstance(value, str):
-            return value.replace(OUTPUT_DIR, config["output_dir"])
+            return value.replace(OUTPUT_DIR, out)
         if isinstance(value, list):
             return [expand(v) for v in value]
         return value

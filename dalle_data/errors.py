@@ -13,3 +13,11 @@ class DalleDataError(ValueError):
 
 class TrainError(DalleDataError):
     """An input that cannot be trained on; the message names it and says what to do."""
+
+
+class CheckpointError(DalleDataError):
+    """A checkpoint (or VQGAN file) that dalle-data cannot load, rebuild or save, and why."""
+
+
+class DalleDataWarning(UserWarning):
+    """Something the user should know that is not an error; the CLI prints it as one line."""

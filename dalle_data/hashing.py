@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import IO
 
 _CHUNK = 1 << 20
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks so multi-GB sources fit in memory."""
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
+        return sha256_stream(fh)
+
+
+def sha256_stream(fh: IO[bytes]) -> str:
+    """Hex sha256 of what is left in a binary file object (local or remote), in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    while chunk := fh.read(_CHUNK):
+        digest.update(chunk)
     return digest.hexdigest()
 
 

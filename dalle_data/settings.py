@@ -15,7 +15,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from dalle_data.config import ConfigError, tokenizer_file
+from dalle_data.config import ConfigError, local_output_dir, tokenizer_file
 
 _REMOTE = re.compile(r"^(?i:https?|file)://")
 # The `dalle-data download` options a config's `download:` section sets, one to one.
@@ -137,7 +137,7 @@ class DatasetSettings:
 
 def resolve(config: dict[str, Any]) -> dict[str, DatasetSettings]:
     """The settings of every configured dataset, from a config :func:`config.validate` filled."""
-    out = config["output_dir"]
+    out = local_output_dir(config)
     resolved = {}
     for name, ds in config["datasets"].items():
         tokenizer = ds.get("tokenizer") or config["tokenizer"]

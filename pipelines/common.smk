@@ -3,10 +3,13 @@
 
 import functools
 import json
+import os
 import shlex
+import shutil
 from pathlib import Path
 
 from dalle_data import config as ddconfig
+from dalle_data import locations
 from dalle_data.settings import resolve
 from dalle_data.model.output_name import planned_output
 
@@ -14,7 +17,23 @@ ddconfig.validate(config)
 # Every dataset's effective settings, decided once (dalle_data/settings.py).
 DS = resolve(config)
 
-OUT = config["output_dir"]
+# Where the stages write: output_dir, or work_dir when output_dir is a bucket URL. Then
+# each dataset's finished shards/ go to BUCKET through Snakemake's storage plugin
+# (rule bucket_shards) and training streams them from there.
+OUT = ddconfig.local_output_dir(config)
+BUCKET = ddconfig.bucket_output_dir(config)
+if BUCKET and workflow.is_main_process and not any(Path(".snakemake/locks").glob("*")):
+    # Snakemake keeps its local copy of a folder it sends to storage. Left over from a run
+    # killed mid-upload, that copy makes the rerun fail (Snakemake 9.27 caches it as present,
+    # removes it as an incomplete output, then finds it "write-protected"). It only holds
+    # hard links to work_dir's shards: drop it before the DAG is built (never while another
+    # Snakemake holds this folder's lock).
+    _copy = workflow.storage_settings.local_storage_prefix / BUCKET.replace("://", "/", 1)
+    for _stale in _copy.glob("*/shards"):
+        shutil.rmtree(_stale)
+if config["storage_options"]:
+    # Non-secret fsspec options for every `dalle-data` command (dalle_data/locations.py).
+    os.environ[locations.OPTIONS_ENV] = json.dumps(config["storage_options"])
 
 
 wildcard_constraints:
@@ -43,12 +62,41 @@ def verified(dataset):
 
 
 def built(dataset):
-    """A dataset target's end points: verified shards and eval split, and their card."""
+    """A dataset target's end points: verified shards and their card (in the bucket, for a
+    bucket output_dir)."""
+    if BUCKET:
+        return [storage(bucket_shards(dataset)), storage(f"{BUCKET}/{dataset}/eval")]
     return [
         verified(dataset),
         f"{ds_dir(dataset)}/eval/verify.json",
         f"{ds_dir(dataset)}/shards/README.md",
     ]
+
+
+def card_of(wildcards):
+    """The card a shard set's upload waits for: the training shards' (it covers the eval
+    split too); none for the eval split itself."""
+    if wildcards.shardset != "shards":
+        return []
+    return f"{ds_dir(wildcards.dataset)}/shards/README.md"
+
+
+def bucket_shards(dataset):
+    """`<output_dir>/<dataset>/shards` when output_dir is a bucket URL."""
+    return f"{BUCKET}/{dataset}/shards"
+
+
+def training_shards(dataset):
+    """train-extend's input: the verified local shards, or the bucket's shards folder, which
+    Snakemake does not download (retrieve=False): train-extend streams it through its cache."""
+    if BUCKET:
+        return storage(bucket_shards(dataset), retrieve=False)
+    return verified(dataset)
+
+
+def training_shards_location(dataset):
+    """What train-extend's --shards gets: the local shards folder or the bucket URL."""
+    return bucket_shards(dataset) if BUCKET else f"{ds_dir(dataset)}/shards"
 
 
 def tokenizer_input(dataset):
@@ -150,6 +198,8 @@ def train_options():
         "vqgan-model-path": TRAIN.get("vqgan_model_path"),
         "vqgan-config-path": TRAIN.get("vqgan_config_path"),
         "parent-lineage": TRAIN.get("parent_lineage"),
+        "cache-dir": TRAIN.get("cache_dir"),
+        "cache-size": TRAIN.get("cache_size"),
     }
     words = [f"--{k} {shlex.quote(str(v))}" for k, v in flags.items() if v is not None]
     words += [f"--prompt {shlex.quote(p)}" for p in TRAIN.get("prompts", [])]

@@ -75,3 +75,28 @@ rule verify:
         f"{OUT}/{{dataset}}/benchmarks/verify_{{shardset}}.tsv"
     shell:
         "dalle-data verify {params.shards} --retokenize 32 > {log} 2>&1"
+
+
+if BUCKET:
+
+    rule bucket_shards:
+        """A dataset's verified shards folder (or its eval split), sent to
+        <output_dir>/<dataset>/{shards,eval} by Snakemake's storage plugin: each file one
+        PUT or a completed multipart upload."""
+        input:
+            verify=f"{OUT}/{{dataset}}/{{shardset}}/verify.json",
+            card=card_of,
+        output:
+            storage(f"{BUCKET}/{{dataset}}/{{shardset}}"),
+        wildcard_constraints:
+            shardset="shards|eval",
+        params:
+            shards=subpath(input.verify, parent=True),
+        log:
+            f"{OUT}/{{dataset}}/logs/bucket_{{shardset}}.log",
+        benchmark:
+            f"{OUT}/{{dataset}}/benchmarks/bucket_{{shardset}}.tsv"
+        shell:
+            # {output} is the plugin's local staging folder: `put` hard-links the files
+            # there, and the plugin uploads them when the job is done.
+            "dalle-data put {params.shards} {output} > {log} 2>&1"

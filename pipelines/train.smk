@@ -29,11 +29,11 @@ rule train:
     """Continue train.parent on train.dataset for train.epochs; the output is lineage-named."""
     input:
         parent=TRAIN["parent"],
-        shards=verified(TRAIN["dataset"]),
+        shards=training_shards(TRAIN["dataset"]),
     output:
         **trained_outputs(),
     params:
-        shards=subpath(input.shards, parent=True),
+        shards=training_shards_location(TRAIN["dataset"]),
         epochs=TRAIN["epochs"],
         output_dir=TRAIN["output_dir"],
         options=train_options(),

@@ -208,6 +208,34 @@ def test_clip_score_from_local_weights_only(world: dict[str, Path], tmp_path: Pa
     assert code == 1 and "--clip-weights" in out
 
 
+def test_an_eval_split_in_a_bucket_scores_as_on_disk(
+    world: dict[str, Path], tmp_path: Path, bucket: str
+) -> None:
+    from dalle_data import locations
+
+    url = f"{bucket}/cc12m/eval"
+    locations.put_tree(world["eval"], url)
+    local = copy_parent(world, tmp_path / "local")
+    remote = copy_parent(world, tmp_path / "remote")
+    code, out = run("evaluate", local, "--shards", world["eval"], "--json")
+    assert code == 0, out
+    code, out_remote = run("evaluate", remote, "--shards", url, "--json",
+                           "--cache-dir", tmp_path / "cache")  # fmt: skip
+    assert code == 0, out_remote
+    a, b = json.loads(out[out.index("{") :]), json.loads(out_remote[out_remote.index("{") :])
+    assert {k: v for k, v in a.items() if k != "checkpoint"} == {
+        k: v for k, v in b.items() if k != "checkpoint"
+    }
+    assert str(tmp_path / "cache") not in out_remote  # no cache path in the record
+    # an object altered in the bucket is refused on arrival
+    shard = next(p for p in sorted(world["eval"].iterdir()) if p.suffix == ".tar")
+    altered = bytearray(shard.read_bytes())
+    altered[-1500] ^= 0xFF
+    locations.write_bytes(f"{url}/{shard.name}", bytes(altered))
+    code, out = run("evaluate", remote, "--shards", url, "--cache-dir", tmp_path / "other")
+    assert code == 1 and "arrived with sha256" in out
+
+
 def test_an_empty_eval_split_is_not_scored(tmp_path: Path) -> None:
     """finalize writes eval/ for every dataset; one too small for eval_fraction has none."""
     spec = write_tokenizer(tmp_path / "tok.json")

@@ -176,6 +176,132 @@ def write_yfcc(path: Path, subset: Path | None = None, *, header: bool = True) -
     return expected
 
 
+YFCC_SQL_COLUMNS = [
+    "photoid",
+    "uid",
+    "unickname",
+    "datetaken",
+    "dateuploaded",
+    "capturedevice",
+    "title",
+    "description",
+    "usertags",
+    "machinetags",
+    "longitude",
+    "latitude",
+    "accuracy",
+    "pageurl",
+    "downloadurl",
+    "licensename",
+    "licenseurl",
+    "serverid",
+    "farmid",
+    "secret",
+    "secretoriginal",
+    "ext",
+    "marker",
+]
+
+
+def write_yfcc_sqlite(path: Path, tsv: bytes, *, index: bool = False) -> None:
+    """The public database's layout for the 25-column lines of ``tsv`` (others skipped):
+    no line number, no hash; ids and markers stored as integers where they are numbers."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.execute(f"CREATE TABLE yfcc100m_dataset ({', '.join(YFCC_SQL_COLUMNS)})")
+    rows = []
+    for line in tsv.decode().splitlines():
+        fields = line.split("\t")
+        if len(fields) == 25:
+            row: list[object] = [fields[1], *fields[3:]]
+            for k in (0, 22):  # photoid, marker
+                row[k] = int(row[k]) if str(row[k]).isdigit() else row[k]
+            rows.append(row)
+    db.executemany(f"INSERT INTO yfcc100m_dataset VALUES ({', '.join('?' * 23)})", rows)
+    if index:
+        db.execute("CREATE INDEX photoid_index ON yfcc100m_dataset (photoid)")
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("index", [False, True], ids=["unindexed", "indexed"])
+def test_yfcc_sqlite_gives_the_same_normalized_parquet_as_the_tsv(
+    tmp_path: Path, index: bool
+) -> None:
+    from dalle_data.pipeline.fetch import fetch
+    from dalle_data.pipeline.normalize import normalize
+
+    tsv, subset = tmp_path / "yfcc100m_dataset.bz2", tmp_path / "subset.tsv"
+    expected = write_yfcc(tsv, subset)
+    database = tmp_path / "yfcc100m_dataset.sql"
+    write_yfcc_sqlite(database, bz2.decompress(tsv.read_bytes()), index=index)
+    outputs = {}
+    for fmt, source in (("yfcc", tsv), ("yfcc", database), ("yfcc_sqlite", database)):
+        raw, meta = tmp_path / fmt / source.name / "raw", tmp_path / fmt / source.name / "meta"
+        fetch([str(source)], raw, subset=str(subset))
+        record = normalize(fmt, raw, meta)
+        outputs[fmt, source.name] = (meta / "normalized.parquet").read_bytes()
+        tsv_only = {"blank_line", "wrong_column_count"}
+        dropped = {k: v for k, v in expected.items() if source == tsv or k not in tsv_only}
+        assert record["dropped"] == dict(sorted(dropped.items()))
+    assert len(set(outputs.values())) == 1
+    assert pq.read_table(meta / "normalized.parquet").column("row_id").to_pylist() == [50, 900]
+
+
+def test_yfcc_sqlite_invalid_utf8_is_a_counted_drop(tmp_path: Path) -> None:
+    import sqlite3
+
+    database = tmp_path / "yfcc.sql"
+    line = _yfcc_line(77, "Caf%C3%A9", "ok")
+    write_yfcc_sqlite(database, f"{line}\n{_yfcc_line(78, 'x', 'y')}\n".encode())
+    db = sqlite3.connect(database)
+    db.execute("UPDATE yfcc100m_dataset SET title = CAST(X'ff41' AS TEXT) WHERE photoid = 78")
+    db.commit()
+    db.close()
+    rows, dropped, counts = _run(yfcc.read, [SourceFile(database, 0)])
+    assert counts == {"invalid_utf8": 1}
+    assert rows.column("caption").to_pylist() == ["Café. ok"]
+    assert "\\xffA" in dropped.column("raw")[0].as_py()
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("CREATE TABLE other (x)", "table yfcc100m_dataset \\(no such table\\)"),
+        ("CREATE TABLE yfcc100m_dataset (photoid, title)", "it lacks description, downloadurl"),
+    ],
+)
+def test_yfcc_sqlite_of_another_layout_is_a_clear_error(
+    tmp_path: Path, setup: str, message: str
+) -> None:
+    import sqlite3
+
+    database = tmp_path / "other.sql"
+    db = sqlite3.connect(database)
+    db.execute(setup)
+    db.commit()
+    db.close()
+    with pytest.raises(SourceError, match=message):
+        _run(yfcc.read, [SourceFile(database, 0)])
+
+
+def test_yfcc_sqlite_truncated_is_a_clear_error(tmp_path: Path) -> None:
+    database = tmp_path / "yfcc.sql"
+    write_yfcc_sqlite(database, "\n".join(_yfcc_line(i, "t", "d") for i in range(3000)).encode())
+    data = database.read_bytes()
+    database.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SourceError, match="is corrupt or truncated"):
+        _run(yfcc.read, [SourceFile(database, 0)])
+
+
+def test_yfcc_sqlite_format_refuses_a_tsv(tmp_path: Path) -> None:
+    path = tmp_path / "yfcc100m_dataset.bz2"
+    write_yfcc(path)
+    with pytest.raises(SourceError, match="is not an SQLite database"):
+        _run(yfcc.read_sqlite, [SourceFile(path, 0)])
+
+
 # ---------------------------------------------------------------- helpers
 
 

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from dalle_data.errors import DalleDataWarning
 from dalle_data.model import checkpoint as ckpt_io
 from dalle_data.model.init import init_parent
 from dalle_data.model.loader import LoaderError
 from dalle_data.model.output_name import TrainError, planned_output
 from dalle_data.model.train import TrainArgs, train_extend
+from tests.helpers.pickles import write_early_2021_dalle
 from tests.helpers.tiny import write_dataset, write_preset, write_tokenizer
 
 ARCH = "1L_16HD_2H_32I_8T"
@@ -105,6 +107,26 @@ def test_legacy_parent_is_named_by_its_file_or_refused(
         args_for(world, unnamed, "wit", out, max_steps=3, parent_lineage="cc12m_3E")
     )
     assert given.name == f"{ARCH}_cc12m-3E_wit-0.5E.pt"
+
+
+def test_an_early_2021_file_extends_like_any_parent(world: dict[str, Path], tmp_path: Path) -> None:
+    """train_dalle.py of early 2021 pickled the VAE module in hparams; it is rebuilt from
+    vae_params, and the name comes from hparams and the file name's lineage."""
+    import dalle_pytorch
+
+    parent = torch.load(world["parent"], weights_only=True)
+    hparams = {
+        k: v for k, v in parent["hparams"].items() if k not in ("shift_tokens", "rotary_emb")
+    }
+    vae = dalle_pytorch.DiscreteVAE(**parent["vae_params"])
+    dalle = dalle_pytorch.DALLE(vae=vae, shift_tokens=False, rotary_emb=False, **hparams)
+    early = tmp_path / f"{ARCH}_cc12m_2E.pt"
+    vae_class = "dalle_pytorch.dalle_pytorch.DiscreteVAE"
+    write_early_2021_dalle(early, dalle, vae_class, parent["vae_params"], hparams=hparams)
+    with pytest.warns(DalleDataWarning, match=vae_class):
+        result = train_extend(args_for(world, early, "wit", tmp_path / "models", max_steps=2))
+    assert result.name == f"{ARCH}_cc12m-2E_wit-0.33E.pt"
+    assert torch.load(result, weights_only=True)["hparams"]["shift_tokens"] is False
 
 
 def test_preflight_errors_say_what_to_do(world: dict[str, Path], tmp_path: Path) -> None:
@@ -246,3 +268,48 @@ def test_ddp_survives_batches_of_only_corrupt_samples(
     step = history(out / "custom" / f"{ARCH}_cc12m_2E" / f"{ARCH}_cc12m_2E.pt")[0]
     # 4 samples per rank and batch: 2 steps an epoch, most of them blank on one rank or both
     assert (step["steps"], step["samples_seen"], step["corrupt_samples_skipped"]) == (4, 2, 30)
+
+
+@pytest.mark.slow
+def test_training_from_and_into_a_bucket_matches_local_disk(
+    world: dict[str, Path], tmp_path: Path, s3, bucket: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from dalle_data import locations
+
+    locations.put_tree(world["cc12m"], f"{bucket}/cc12m/shards")
+    local = train_extend(args_for(world, world["parent"], "cc12m", tmp_path / "local"))
+    remote_args = replace(
+        args_for(world, world["parent"], "cc12m", tmp_path),
+        shards=(f"{bucket}/cc12m/shards",),
+        output_dir=f"{bucket}/models",
+        cache_dir=tmp_path / "cache",
+    )
+    remote = train_extend(remote_args)
+    name = f"{ARCH}_cc12m_1E"
+    assert remote == f"{bucket}/models/custom/{name}/{name}.pt"
+    folder = f"{bucket}/models/custom/{name}"
+    assert set(locations.sizes(folder)) == {
+        f"{name}.pt",
+        "lineage.json",
+        "README.md",
+        "samples.png",
+    }
+    locations.download(remote, tmp_path / "remote.pt")
+    a = ckpt_io.load_checkpoint(local)["weights"]
+    b = ckpt_io.load_checkpoint(tmp_path / "remote.pt")["weights"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads(locations.read_bytes(f"{folder}/lineage.json"))
+    assert record["history"][-1]["shards"] == [f"{bucket}/cc12m/shards"]
+    assert train_extend(remote_args) == remote  # done already: nothing to do
+    printed = "".join(capfd.readouterr())
+    assert "already the result of this run" in printed
+    # the credentials are nowhere in what the run wrote or printed
+    secret = s3.secret_key.encode()
+    name_of_bucket = bucket.removeprefix("s3://")
+    client = s3.client()
+    for obj in client.list_objects_v2(Bucket=name_of_bucket)["Contents"]:
+        body = client.get_object(Bucket=name_of_bucket, Key=obj["Key"])["Body"].read()
+        assert secret not in body, obj["Key"]
+    for path in tmp_path.rglob("*"):
+        assert not path.is_file() or secret not in path.read_bytes(), path
+    assert s3.secret_key not in printed

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from dalle_data import locations
 from dalle_data.atomic import write_json
 from dalle_data.errors import DalleDataError
 from dalle_data.formats.webdataset import SampleLayout, sample_layouts
@@ -88,16 +89,17 @@ def write_manifest(
     return manifest
 
 
-def read_manifest(shards_dir: Path) -> dict[str, Any]:
-    """Load ``<shards_dir>/manifest.json``, refusing a missing or malformed one."""
-    path = Path(shards_dir) / MANIFEST
+def read_manifest(shards_dir: Path | str) -> dict[str, Any]:
+    """Load ``<shards_dir>/manifest.json`` (a folder or a URL), refusing a missing or
+    malformed one."""
+    path = locations.join(shards_dir, MANIFEST)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        manifest = json.loads(locations.read_bytes(path).decode("utf-8"))
+    except (FileNotFoundError, locations.LocationError):
         raise ManifestError(
             f"{path} does not exist: build the shards first (dalle-data finalize)"
         ) from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ManifestError(f"{path} is not valid JSON ({err}): rebuild the shards") from None
     missing = [
         k for k in ("dataset", "tokenizer", "image_size", "shards", "counts") if k not in manifest

@@ -2,19 +2,17 @@
 
 The file format is DALLE-pytorch 1.6.6 train_dalle.py's ``torch.save`` dict (see
 ../shared/DESIGN.md, "Checkpoint contract"), so its generate.py and ``--dalle_path``
-read what we write. Loading never runs pickled code (``weights_only=True``). torch and
+read what we write, and anyone loads it with ``weights_only=True``. Loading never runs
+pickled code: files go through :mod:`safe_pickle`, so early-2021 files with the VAE module
+pickled in ``hparams`` load too (only their tensors and plain values are used). torch and
 dalle_pytorch are imported inside the functions that need them: ``dalle-data inspect``
 and the lineage code stay importable without paying for them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import pickle
 import re
-import sys
-import tempfile
 import warnings
 from collections.abc import Mapping
 from decimal import Decimal
@@ -24,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from dalle_data.atomic import atomic_path
-from dalle_data.errors import DalleDataError
+from dalle_data.errors import CheckpointError
+from dalle_data.model import safe_pickle, vqgan
 from dalle_data.model.lineage import (
     Architecture,
     LineageError,
@@ -52,13 +51,16 @@ _LAYER_CHAIN = re.compile(
     r"^(?P<head>transformer\.layers\.(?:layers\.\d+\.(?P<seq>[01])|blocks\.\d+\.(?P<rev>[fg])\.net)\.)"
     r"(?P<fns>(?:fn\.){2,})(?P<leaf>.+)$"
 )
-_DUMMY_LOSS = "taming.modules.losses.vqperceptual.DummyLoss"
-_VQGAN_CACHE = Path("~/.cache/dalle").expanduser()
-_VQGAN_DEFAULTS = ("vqgan.1024.model.ckpt", "vqgan.1024.config.yml")
+# Early-2021 train_dalle.py pickled the VAE module itself as hparams["vae"].
+_PICKLED_VAE_CLASSES = {
+    "VQGanVAE1024": "VQGanVAE",
+    "VQGanVAE": "VQGanVAE",
+    "OpenAIDiscreteVAE": "OpenAIDiscreteVAE",
+    "DiscreteVAE": "DiscreteVAE",
+}
+_PLAIN_PARTS = ("hparams", "vae_params", "opt_state", "scheduler_state")
 
-
-class CheckpointError(DalleDataError):
-    """A checkpoint (or VQGAN file) that dalle-data cannot load, rebuild or save, and why."""
+__all__ = ["CheckpointError"]  # re-exported: callers catch it from here
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -67,10 +69,24 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     Legacy 2021 files (only ``hparams``, ``vae_params``, ``weights``) come back with
     ``shift_tokens``/``rotary_emb`` set to False, axial position keys renamed, layer keys
     moved under the wrappers 1.6.6 adds, ``sparse`` layers as ``full`` (with a warning),
-    ``vae.model.loss.*`` dropped and ``vae_class_name`` inferred from the weights.
+    ``vae.model.loss.*`` dropped and ``vae_class_name`` inferred from the weights (or from
+    the class of the VAE pickled in ``hparams["vae"]``, which is then removed).
     """
     path = Path(path)
-    ckpt = _safe_load(path, what="checkpoint")
+    return checkpoint_from(safe_pickle.load(path, what="checkpoint").obj, path)
+
+
+def checkpoint_from(ckpt: Any, path: Path) -> dict[str, Any]:
+    """:func:`load_checkpoint` for an object already read from ``path``; errors name it."""
+    try:
+        return _checked(ckpt, path)
+    except CheckpointError as err:
+        if str(path) in str(err):
+            raise
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
+
+
+def _checked(ckpt: Any, path: Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict):
         raise CheckpointError(
             f"{path} holds a {type(ckpt).__name__}, not a DALLE-pytorch checkpoint dict "
@@ -84,6 +100,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         )
     if not isinstance(ckpt["hparams"], dict):
         raise CheckpointError(f"{path}: hparams is a {type(ckpt['hparams']).__name__}, not a dict")
+    ckpt = _without_pickled_vae(ckpt)
+    for key in _PLAIN_PARTS:
+        _check_plain(ckpt.get(key), key)
     if isinstance(ckpt["weights"], str):
         raise CheckpointError(
             f"{path} is a DeepSpeed auxiliary file without weights ({ckpt['weights']!r}); "
@@ -137,18 +156,7 @@ def build_vae(
             "torch<1.11 and downloads from the internet; dalle-data supports DiscreteVAE "
             "(custom) and VQGanVAE (taming) checkpoints"
         )
-    model_path, config_path = _vqgan_files(vqgan_model_path, vqgan_config_path)
-    state = _safe_load(model_path, what="VQGAN model")
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise CheckpointError(
-            f"VQGAN model {model_path} has no 'state_dict' key; DALLE-pytorch expects a taming "
-            "checkpoint saved as {'state_dict': model.state_dict(), ...}"
-        )
-    with tempfile.TemporaryDirectory(prefix="dalle-data-vqgan-") as tmp:
-        patched = _config_without_loss(config_path, Path(tmp) / config_path.name)
-        # VQGanVAE prints where it loaded from; keep stdout clean for --json callers.
-        with contextlib.redirect_stdout(sys.stderr):
-            return dalle_pytorch.VQGanVAE(str(model_path), str(patched))
+    return vqgan.build_vae(*vqgan.vqgan_files(vqgan_model_path, vqgan_config_path))
 
 
 def build_dalle(
@@ -334,38 +342,34 @@ def _segments_from_file_name(file_name: str | None) -> tuple[tuple[Segment, ...]
         return (), "nowhere: no lineage key and the file name does not parse"
 
 
-def _safe_load(path: Path, *, what: str) -> Any:
-    import torch
-
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist or is not a file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{what} {path} is empty (an interrupted download or copy?)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if needs:
-            raise CheckpointError(
-                f"refusing {what} {path}: loading it would run pickled code ({needs.group(1)}); "
-                "dalle-data loads only tensors and plain data. If you trust the file, re-save "
-                "its tensors and plain values with torch.save in your own Python session"
-            ) from None
+def _without_pickled_vae(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """An early-2021 file's hparams without the pickled VAE; its class names the VAE kind."""
+    vae = ckpt["hparams"].get("vae")
+    if vae is None:
+        return ckpt
+    pickled = safe_pickle.placeholder_name(vae) or type(vae).__name__
+    vae_class = _PICKLED_VAE_CLASSES.get(pickled.rpartition(".")[2])
+    if vae_class is None:
         raise CheckpointError(
-            f"{what} {path} is not a readable torch file: {_reason(err)}"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{what} {path} is not a readable torch file: {_reason(err)}"
-        ) from None
+            f"hparams['vae'] holds a {pickled}, not a VAE DALLE-pytorch knows "
+            f"({', '.join(_PICKLED_VAE_CLASSES)})"
+        )
+    hparams = {k: v for k, v in ckpt["hparams"].items() if k != "vae"}
+    return {"vae_class_name": vae_class, **ckpt, "hparams": hparams}
 
 
-def _reason(err: Exception) -> str:
-    """The informative part of torch's multi-paragraph load errors, on one line."""
-    text = str(err) or type(err).__name__
-    detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.DOTALL)
-    line = detail.group(1) if detail else text.strip().splitlines()[0]
-    return " ".join(line.split())
+def inspect_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
+    """What ``dalle-data inspect`` prints for a DALLE checkpoint, VQGAN weights or config."""
+    path = Path(path)
+    if vqgan.is_vqgan_file(path):
+        info = vqgan.describe(path)
+        return info, vqgan.format_description(info)
+    obj = safe_pickle.load(path, what="checkpoint").obj
+    if vqgan.is_vqgan_file(path, obj):
+        info = vqgan.describe(path, obj)
+        return info, vqgan.format_description(info)
+    info = summary(checkpoint_from(obj, path), file_name=path.name)
+    return info, format_summary(info)
 
 
 def _upgrade(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -433,68 +437,36 @@ def _infer_vae_class(ckpt: Mapping[str, Any]) -> str:
     )
 
 
-def _vqgan_files(
-    model_path: str | os.PathLike[str] | None, config_path: str | os.PathLike[str] | None
-) -> tuple[Path, Path]:
-    if (model_path is None) != (config_path is None):
-        raise CheckpointError(
-            "pass both --vqgan-model-path and --vqgan-config-path (a VQGAN needs its "
-            "weights and its taming config), or neither to use ~/.cache/dalle"
-        )
-    if model_path is not None and config_path is not None:
-        return Path(model_path), Path(config_path)
-    model, config = (_VQGAN_CACHE / name for name in _VQGAN_DEFAULTS)
-    if not (model.is_file() and config.is_file()):
-        raise CheckpointError(
-            "this checkpoint uses a VQGAN (taming) VAE and dalle-data never downloads one: "
-            f"pass --vqgan-model-path and --vqgan-config-path, or place {model} and {config} "
-            "there"
-        )
-    return model, config
-
-
-def _config_without_loss(config_path: Path, out: Path) -> Path:
-    """A copy of the taming config whose loss is DummyLoss (LPIPS would download VGG16)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    if not config_path.is_file():
-        raise CheckpointError(f"VQGAN config {config_path} does not exist or is not a file")
-    try:
-        config = OmegaConf.load(config_path)
-        params = config.model.params
-    except (OmegaConfBaseException, OSError, ValueError, AttributeError) as err:
-        raise CheckpointError(
-            f"VQGAN config {config_path} is not a taming config with model.params: {err}"
-        ) from None
-    params.lossconfig = {"target": _DUMMY_LOSS}
-    # A ckpt_path inside the config points at the trainer's machine; the weights come
-    # from the model file instead.
-    params.pop("ckpt_path", None)
-    OmegaConf.save(config, out)
-    return out
-
-
-def _check_plain(value: Any, where: str) -> None:
+def _check_plain(value: Any, where: str, _inside: frozenset[int] = frozenset()) -> None:
     """Refuse values ``torch.load(weights_only=True)`` would reject, naming where they are.
 
     Checked before writing so a bad value costs nothing and names its place, instead of
-    a checkpoint that saves fine and then cannot be loaded safely.
+    a checkpoint that saves fine and then cannot be loaded safely; and after loading, so
+    only plain data from a file is ever used.
     """
     import torch
 
     if value is None or isinstance(value, bool | int | float | str | torch.Tensor):
         return
+    if id(value) in _inside:
+        raise CheckpointError(f"{where} contains itself; checkpoints keep trees of plain data")
+    inside = _inside | {id(value)}
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str | int):
-                raise CheckpointError(f"{where} has a key {key!r} that is not a str or int")
-            _check_plain(item, f"{where}[{key!r}]")
+                raise CheckpointError(f"{where} has a key {key!r:.60} that is not a str or int")
+            _check_plain(item, f"{where}[{key!r}]", inside)
         return
     if isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            _check_plain(item, f"{where}[{index}]")
+            _check_plain(item, f"{where}[{index}]", inside)
         return
+    pickled = safe_pickle.placeholder_name(value)
+    if pickled is not None:
+        raise CheckpointError(
+            f"{where} holds a pickled {pickled} object; dalle-data uses only tensors and plain "
+            "data from a checkpoint (re-save it without that object)"
+        )
     raise CheckpointError(
         f"{where} is a {type(value).__name__}; checkpoints keep only tensors and plain data "
         "(dict, list, tuple, str, int, float, bool, None) so they load without running code"

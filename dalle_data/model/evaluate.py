@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dalle_data import locations
 from dalle_data.atomic import write_json
 from dalle_data.errors import DalleDataError
 from dalle_data.formats.manifest import MANIFEST, read_manifest, shard_problem
@@ -38,6 +39,7 @@ from dalle_data.hashing import sha256_file
 from dalle_data.model import checkpoint as ckpt_io
 from dalle_data.model.compatibility import check_compatible
 from dalle_data.model.loader import decode_crop, pad_tokens, read_tokens
+from dalle_data.model.shard_cache import local_folder
 
 EVAL_RECORD = "eval.json"
 EVAL_SPLIT_DIR = "eval"
@@ -97,12 +99,14 @@ def load_eval_set(path: str | os.PathLike[str]) -> EvalSet:
     )
 
 
-def find_eval_split(shards_dirs: Sequence[Path]) -> Path | None:
-    """The held-out split beside training shards: ``<ds>/eval`` next to ``<ds>/shards``;
-    None when there is none, or it is empty (eval_fraction too small for the dataset)."""
+def find_eval_split(shards_dirs: Sequence[Path | str]) -> Path | str | None:
+    """The held-out split beside training shards: ``<ds>/eval`` next to ``<ds>/shards``
+    (folders or bucket URLs); None when there is none, or it is empty (eval_fraction too
+    small for the dataset)."""
     for shards in shards_dirs:
-        candidate = Path(shards).parent / EVAL_SPLIT_DIR
-        if (candidate / MANIFEST).is_file() and read_manifest(candidate)["counts"]["written"]:
+        candidate = locations.join(locations.parent(shards), EVAL_SPLIT_DIR)
+        manifest = locations.join(candidate, MANIFEST)
+        if locations.exists(manifest) and read_manifest(candidate)["counts"]["written"]:
             return candidate
     return None
 
@@ -307,22 +311,24 @@ def cached_record(checkpoint: Path, checkpoint_sha256: str, eval_set: EvalSet) -
 
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike[str],
-    eval_dir: str | os.PathLike[str],
+    eval_dir: Path | str,
     *,
     batch_size: int = 16,
     device: str = "auto",
     vqgan_model_path: str | os.PathLike[str] | None = None,
     vqgan_config_path: str | os.PathLike[str] | None = None,
     clip: Mapping[str, Any] | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Score ``checkpoint`` on ``eval_dir``, store the record in eval.json and return it.
 
     ``clip`` (``model``, ``weights``, ``captions``, ``seed``) adds a CLIP score
     (:mod:`dalle_data.model.clip_score`). A model card beside the checkpoint is updated.
+    An ``eval_dir`` URL is read through a copy in ``cache_dir`` (sha256-checked).
     """
     path = Path(checkpoint)
     ckpt = ckpt_io.load_checkpoint(path)
-    eval_set = load_eval_set(eval_dir)
+    eval_set = load_eval_set(local_folder(eval_dir, cache_dir))
     dalle = ckpt_io.build_dalle(
         ckpt, vqgan_model_path=vqgan_model_path, vqgan_config_path=vqgan_config_path
     )
@@ -384,14 +390,18 @@ def format_record(record: Mapping[str, Any]) -> str:
 
 
 def held_out_split(
-    shards_dirs: Sequence[Path], checkpoint: Path, ckpt: Mapping[str, Any], dalle: Any
+    shards_dirs: Sequence[Path | str],
+    checkpoint: Path,
+    ckpt: Mapping[str, Any],
+    dalle: Any,
+    cache_dir: Path | None = None,
 ) -> EvalSet | None:
     """The eval split beside training shards (train-extend's), checked against the
-    checkpoint; None when the dataset has none."""
+    checkpoint; None when the dataset has none. A bucket's split is read from the cache."""
     found = find_eval_split(shards_dirs)
     if found is None:
         return None
-    eval_set = load_eval_set(found)
+    eval_set = load_eval_set(local_folder(found, cache_dir))
     check_compatible(checkpoint, ckpt, eval_set, dalle)
     return eval_set
 

@@ -33,8 +33,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dalle_data import locations
 from dalle_data.errors import DalleDataError
 from dalle_data.formats.webdataset import SampleLayout, sample_layouts
+from dalle_data.model.shard_cache import CacheSpec, RemoteShard, ShardFetcher
 
 # Whole shards go to consumers when they divide evenly, or when there are this many per
 # consumer (the uneven remainder then costs at most a small share of the epoch).
@@ -56,10 +58,15 @@ class LoaderError(DalleDataError):
 
 @dataclass(frozen=True)
 class ShardRef:
-    """One shard file and the number of samples its manifest records."""
+    """One shard (a local path or a URL) and what its manifest records of it.
 
-    path: Path
+    ``sha256`` and ``bytes`` are needed for a remote shard: the cache checks them on arrival.
+    """
+
+    path: Path | str
     samples: int
+    sha256: str = ""
+    bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class LoaderSpec:
     num_workers: int = 0
     skip_corrupt: bool = False
     resize_ratio: float = 0.75
+    cache: CacheSpec | None = None
 
     @property
     def workers(self) -> int:
@@ -235,7 +243,7 @@ def pad_tokens(tokens: Sequence[np.ndarray], text_seq_len: int) -> np.ndarray:
 class _Shard:
     """An open shard: where each sample's image and tokens lie, and this epoch's crops."""
 
-    path: Path
+    path: Path | str
     fd: int
     samples: list[SampleLayout]
     draws: np.ndarray
@@ -250,11 +258,15 @@ class _Shard:
 
 class _ShardCache:
     """The last few shards opened (member offsets from their tar headers, no member read
-    until a batch needs it); a corrupt one reads as None."""
+    until a batch needs it); a corrupt one reads as None. Remote shards come through the
+    ``fetcher``'s local cache."""
 
-    def __init__(self, spec: LoaderSpec, epoch: int, size: int = 2) -> None:
+    def __init__(
+        self, spec: LoaderSpec, epoch: int, fetcher: ShardFetcher | None = None, size: int = 2
+    ) -> None:
         self.spec = spec
         self.epoch = epoch
+        self.fetcher = fetcher
         self.size = size
         self.items: OrderedDict[int, _Shard | None] = OrderedDict()
 
@@ -263,9 +275,15 @@ class _ShardCache:
             self.items.move_to_end(shard)
             return self.items[shard]
         path = self.spec.shards[shard].path
+        if self.fetcher is not None and locations.is_remote(path):
+            fetched = self.fetcher.get(shard)
+            if fetched is None:  # skipped as corrupt (--skip-corrupt); its samples are counted
+                self.items[shard] = None
+                return None
+            path = fetched
         item: _Shard | None = None
         try:
-            samples = sample_layouts(path)
+            samples = sample_layouts(Path(path))
             fd = os.open(path, os.O_RDONLY)
         except (OSError, tarfile.TarError, EOFError) as err:
             if not self.spec.skip_corrupt:
@@ -360,12 +378,31 @@ class ShardStream(torch.utils.data.IterableDataset[_Collated]):
         logical = ((info.id if info else 0) + self.start_step) % nw
         plan = epoch_plan(self.spec, self.epoch)[self.spec.rank * nw + logical]
         skip = len(range(logical, self.start_step, nw))
-        cache = _ShardCache(self.spec, self.epoch)
+        fetcher = remote_fetcher(self.spec, plan[skip:])
+        cache = _ShardCache(self.spec, self.epoch, fetcher)
         try:
             for refs in plan[skip:]:
                 yield load_batch(self.spec, self.epoch, refs, cache)
         finally:
             cache.close()
+            if fetcher is not None:
+                fetcher.close()
+
+
+def remote_fetcher(spec: LoaderSpec, plan: Sequence[Sequence[SampleRef]]) -> ShardFetcher | None:
+    """A fetcher for the remote shards of one consumer's ``plan``, in the order it reads them
+    (only those: a rank never fetches another rank's shards); None when all are local."""
+    remote = {i: s for i, s in enumerate(spec.shards) if locations.is_remote(s.path)}
+    if not remote:
+        return None
+    if spec.cache is None:
+        raise LoaderError(
+            f"shard {next(iter(remote.values())).path} is remote: give a cache "
+            "(--cache-dir, --cache-size) to stream it through"
+        )
+    order = [s for s in dict.fromkeys(ref[0] for refs in plan for ref in refs) if s in remote]
+    shards = {i: RemoteShard(str(remote[i].path), remote[i].sha256, remote[i].bytes) for i in order}
+    return ShardFetcher(spec.cache, shards, order, skip_corrupt=spec.skip_corrupt)
 
 
 def batches(spec: LoaderSpec, epoch: int, start_step: int = 0) -> Iterator[Batch]:

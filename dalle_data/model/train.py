@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from dalle_data import locations
 from dalle_data.atomic import atomic_path, write_json
 from dalle_data.errors import TrainError
 from dalle_data.formats.manifest import (
@@ -39,6 +41,7 @@ from dalle_data.model.compatibility import check_compatible
 from dalle_data.model.distributed import Dist, limit_cpu_threads, setup_distributed
 from dalle_data.model.loader import Batch, LoaderSpec, ShardRef, batches, steps_per_epoch
 from dalle_data.model.output_name import checkpoint_path, parent_history
+from dalle_data.model.shard_cache import DEFAULT_SIZE, CacheSpec, default_dir, parse_size
 
 DEFAULT_PROMPTS = (
     "An armchair in the shape of an avocado. An armchair imitating an avocado.",
@@ -46,6 +49,7 @@ DEFAULT_PROMPTS = (
     "People playing soccer on a field.",
 )
 RUNS_DIR = ".runs"
+LINEAGE = "lineage.json"
 STEP_CHECKPOINTS_KEPT = 2
 # A quality figure computed after training, shown in the model card.
 Evaluation = Callable[[Any, Any, Path], dict[str, Any]]
@@ -56,9 +60,9 @@ class TrainArgs:
     """The options of ``dalle-data train-extend`` (see its --help)."""
 
     parent: Path
-    shards: tuple[Path, ...]
+    shards: tuple[Path | str, ...]
     epochs: Decimal
-    output_dir: Path
+    output_dir: Path | str
     batch_size: int = 16
     learning_rate: float = 3e-4
     clip_grad_norm: float = 0.5
@@ -73,6 +77,8 @@ class TrainArgs:
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     samples_per_prompt: int = 4
     held_out: bool = True
+    cache_dir: Path | None = None
+    cache_size: int = parse_size(DEFAULT_SIZE)
 
 
 @dataclass(frozen=True)
@@ -87,11 +93,15 @@ class ShardSet:
     corrupt: tuple[str, ...]
 
 
-def load_shard_set(dirs: Sequence[Path], *, skip_corrupt: bool) -> ShardSet:
-    """Read and check the manifests of ``dirs``: one dataset, one tokenizer, shards intact."""
+def load_shard_set(dirs: Sequence[Path | str], *, skip_corrupt: bool) -> ShardSet:
+    """Read and check the manifests of ``dirs``: one dataset, one tokenizer, shards intact.
+
+    Remote folders (URLs) are checked by a listing (every shard there, at its size); their
+    sha256s are checked by the cache when each shard arrives.
+    """
     if not dirs:
         raise TrainError("no --shards folder given: pass the folder holding manifest.json")
-    manifests = [(Path(d), read_manifest(Path(d))) for d in dirs]
+    manifests = [(locations.normalize(d), read_manifest(d)) for d in dirs]
     held_out = [str(d) for d, m in manifests if m.get("split") == EVAL_SPLIT]
     if held_out:
         raise TrainError(
@@ -115,34 +125,54 @@ def load_shard_set(dirs: Sequence[Path], *, skip_corrupt: bool) -> ShardSet:
     shards: list[ShardRef] = []
     corrupt: list[str] = []
     for path, m in manifests:
-        if skip_corrupt:
-            bad = _corrupt_shards(path, m)
-            corrupt += [str(path / name) for name in bad]
-            shards += [
-                ShardRef(path / s["name"], s["samples"])
-                for s in m["shards"]
-                if s["name"] not in bad
-            ]
-        else:
+        if isinstance(path, Path) and not skip_corrupt:
+            problems: dict[str, str] = {}
             try:
                 verify(path)
             except ManifestError as err:
                 raise TrainError(f"{err} (or pass --skip-corrupt to train without it)") from err
-            shards += [ShardRef(path / s["name"], s["samples"]) for s in m["shards"]]
+        else:
+            problems = _shard_problems(path, m)
+            if problems and not skip_corrupt:
+                reason = next(iter(problems.values()))
+                raise TrainError(f"{reason} (or pass --skip-corrupt to train without it)")
+        corrupt += [str(locations.join(path, name)) for name in sorted(problems)]
+        shards += [
+            ShardRef(locations.join(path, s["name"]), s["samples"], s["sha256"], s["bytes"])
+            for s in m["shards"]
+            if s["name"] not in problems
+        ]
     return ShardSet(
         dataset=datasets[0],
         shards=tuple(shards),
-        manifest_sha256=tuple(sha256_file(p / MANIFEST) for p, _ in manifests),
+        manifest_sha256=tuple(locations.sha256(locations.join(p, MANIFEST)) for p, _ in manifests),
         tokenizer=dict(first["tokenizer"]),
         image_size=int(min(m["image_size"] for _, m in manifests)),
         corrupt=tuple(corrupt),
     )
 
 
-def _corrupt_shards(shards_dir: Path, manifest: dict[str, Any]) -> set[str]:
-    """Names of shards missing or not byte-identical to the manifest (skipped, counted)."""
-    shards = tqdm(manifest["shards"], desc="check shards", unit=" shards", mininterval=2.0)
-    return {s["name"] for s in shards if shard_problem(shards_dir / s["name"], s)}
+def _shard_problems(shards_dir: Path | str, manifest: dict[str, Any]) -> dict[str, str]:
+    """Why shards are not the ones the manifest describes, by name. Local: missing or not
+    byte-identical. Remote: missing or of the wrong size in one listing (the cache checks
+    each sha256 on arrival; an http(s) folder cannot be listed and is left to that check)."""
+    if isinstance(shards_dir, Path):
+        shards = tqdm(manifest["shards"], desc="check shards", unit=" shards", mininterval=2.0)
+        found = {s["name"]: shard_problem(shards_dir / s["name"], s) for s in shards}
+        return {name: problem for name, problem in found.items() if problem}
+    if locations.scheme(shards_dir) in locations.READ_ONLY:
+        return {}
+    listed = locations.sizes(shards_dir)
+    problems = {}
+    for shard in manifest["shards"]:
+        url, size = locations.join(shards_dir, shard["name"]), listed.get(shard["name"])
+        if size is None:
+            problems[shard["name"]] = f"shard {url} is missing: upload it again"
+        elif size != shard["bytes"]:
+            problems[shard["name"]] = (
+                f"shard {url} has {size} bytes, the manifest says {shard['bytes']}: upload it again"
+            )
+    return problems
 
 
 def run_id(args: TrainArgs, parent_sha: str, data: ShardSet, world: int) -> str:
@@ -202,6 +232,7 @@ class Run:
     name: str
     family: str
     final: Path
+    published: Path | str
     rid: str
     run_dir: Path
     held_out: evaluation.EvalSet | None = None
@@ -221,7 +252,7 @@ class Progress:
     seconds: float = 0.0
 
 
-def train_extend(args: TrainArgs, evaluate: Evaluation | None = None) -> Path:
+def train_extend(args: TrainArgs, evaluate: Evaluation | None = None) -> Path | str:
     """Train, write ``<output_dir>/<family>/<name>/<name>.pt`` + lineage.json + card; return it.
 
     ``evaluate(dalle, tokenizer, folder)`` may add a quality figure to the card (the demo's
@@ -230,10 +261,10 @@ def train_extend(args: TrainArgs, evaluate: Evaluation | None = None) -> Path:
     limit_cpu_threads()
     dist = setup_distributed()
     run = plan_run(args, dist)
-    if _already_done(run.final, run.rid):
+    if _already_done(run.published, run.rid):
         if dist.is_root:
-            tqdm.write(f"{run.final} is already the result of this run; nothing to do")
-        return run.final
+            tqdm.write(f"{run.published} is already the result of this run; nothing to do")
+        return run.published
     if dist.is_root:
         score_parent(run, args)
     progress = start_or_resume(run, args, dist)
@@ -242,8 +273,9 @@ def train_extend(args: TrainArgs, evaluate: Evaluation | None = None) -> Path:
     if dist.is_root:
         record = save_result(run, progress, args, dist)
         finish_outputs(run, record, args, evaluate, score_output(run, args))
+        publish(run)
         _remove_run_dir(run.run_dir)
-    return run.final
+    return run.published
 
 
 def plan_run(args: TrainArgs, dist: Dist) -> Run:
@@ -266,7 +298,9 @@ def plan_run(args: TrainArgs, dist: Dist) -> Run:
     data = load_shard_set(args.shards, skip_corrupt=args.skip_corrupt)
     check_compatible(parent_path, ckpt, data, dalle)
     held_out = (
-        evaluation.held_out_split(args.shards, parent_path, ckpt, dalle) if args.held_out else None
+        evaluation.held_out_split(args.shards, parent_path, ckpt, dalle, args.cache_dir)
+        if args.held_out
+        else None
     )
     spec = LoaderSpec(
         shards=data.shards,
@@ -278,6 +312,7 @@ def plan_run(args: TrainArgs, dist: Dist) -> Run:
         world_size=dist.world_size,
         num_workers=args.num_workers,
         skip_corrupt=args.skip_corrupt,
+        cache=CacheSpec(args.cache_dir or default_dir(), args.cache_size),
     )
     per_epoch = steps_per_epoch(spec)
     total = max(1, int((args.epochs * per_epoch).to_integral_value()))
@@ -292,6 +327,7 @@ def plan_run(args: TrainArgs, dist: Dist) -> Run:
     family = ckpt_io.family(ckpt["vae_class_name"])
     parent_sha = sha256_file(parent_path)
     rid = run_id(args, parent_sha, data, dist.world_size)
+    local_root, published_root = output_roots(args.output_dir, args.cache_dir)
     return Run(
         ckpt=ckpt,
         parent_name=parent_name,
@@ -306,11 +342,33 @@ def plan_run(args: TrainArgs, dist: Dist) -> Run:
         segments=new_segments,
         name=name,
         family=family,
-        final=checkpoint_path(Path(args.output_dir), family, name),
+        final=checkpoint_path(local_root, family, name),
+        published=locations.join(published_root, family, name, f"{name}.pt"),
         rid=rid,
-        run_dir=Path(args.output_dir) / RUNS_DIR / rid,
+        run_dir=local_root / RUNS_DIR / rid,
         held_out=held_out,
     )
+
+
+def output_roots(output_dir: Path | str, cache_dir: Path | None) -> tuple[Path, Path | str]:
+    """Where a run writes, and where its results go: the same local folder, or for a URL a
+    staging folder in the cache (step checkpoints stay there, so a killed run resumes on
+    this machine) whose results :func:`publish` uploads at the end."""
+    target = locations.normalize(output_dir)
+    if isinstance(target, Path):
+        return target, target
+    staging = (cache_dir or default_dir()) / "outputs" / sha256_bytes(target.encode())[:16]
+    return staging, target
+
+
+def publish(run: Run) -> None:
+    """Upload a bucket run's results, the checkpoint and lineage.json last: _already_done
+    takes those two as the sign of a finished upload."""
+    if run.published == run.final:
+        return
+    folder = locations.parent(run.published)
+    locations.put_tree(run.final.parent, folder, last=(run.final.name, LINEAGE))
+    shutil.rmtree(run.final.parent)
 
 
 def score_parent(run: Run, args: TrainArgs) -> None:
@@ -458,7 +516,7 @@ def save_result(run: Run, progress: Progress, args: TrainArgs, dist: Dist) -> di
         lineage=record,
         tokenizer=run.data.tokenizer,
     )
-    write_json(run.final.parent / "lineage.json", record)
+    write_json(run.final.parent / LINEAGE, record)
     return record
 
 
@@ -469,11 +527,11 @@ def _remove_run_dir(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
-def _already_done(final: Path, rid: str) -> bool:
-    record = final.parent / "lineage.json"
-    if not (final.is_file() and record.is_file()):
+def _already_done(final: Path | str, rid: str) -> bool:
+    record = locations.join(locations.parent(final), LINEAGE)
+    if not (locations.exists(final) and locations.exists(record)):
         return False
-    history = json.loads(record.read_text(encoding="utf-8")).get("history") or []
+    history = json.loads(locations.read_bytes(record)).get("history") or []
     return bool(history) and history[-1].get("run_id") == rid
 
 

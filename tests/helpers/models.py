@@ -158,16 +158,37 @@ def write_late_2021_checkpoint(path: Path) -> Any:
     return dalle
 
 
-def tiny_vqgan_config(loss_target: str = LPIPS_LOSS) -> dict[str, Any]:
-    """A taming VQModel config; with the default LPIPS loss, building it would download VGG16."""
+GUMBEL_SCHEDULER = {
+    "target": "taming.lr_scheduler.LambdaWarmUpCosineScheduler",
+    "params": {
+        "warm_up_steps": 0,
+        "max_decay_steps": 1000001,
+        "lr_start": 0.9,
+        "lr_max": 0.9,
+        "lr_min": 1.0e-06,
+    },
+}
+
+
+def tiny_vqgan_config(loss_target: str = LPIPS_LOSS, gumbel: bool = False) -> dict[str, Any]:
+    """A taming VQModel (or GumbelVQ) config shaped like the published ones.
+
+    With the default LPIPS loss, building it would download VGG16; ``ckpt_path`` points at
+    the trainer's machine and ``image_key`` is set, as in the published files.
+    """
     loss: dict[str, Any] = {"target": loss_target}
     if loss_target == LPIPS_LOSS:
         loss["params"] = {"disc_conditional": False, "disc_in_channels": 3, "disc_start": 10000}
+    extra: dict[str, Any] = {"ckpt_path": "/trainer/logs/2020-11-09/checkpoints/last.ckpt"}
+    if gumbel:
+        extra |= {"kl_weight": 1.0e-08, "temperature_scheduler_config": GUMBEL_SCHEDULER}
     return {
         "model": {
             "base_learning_rate": 4.5e-06,
-            "target": "taming.models.vqgan.VQModel",
+            "target": f"taming.models.vqgan.{'GumbelVQ' if gumbel else 'VQModel'}",
             "params": {
+                **extra,
+                "image_key": "image",
                 "embed_dim": 8,
                 "n_embed": 32,
                 "ddconfig": {
@@ -189,24 +210,34 @@ def tiny_vqgan_config(loss_target: str = LPIPS_LOSS) -> dict[str, Any]:
     }
 
 
-def write_tiny_vqgan(
-    folder: Path, loss_target: str = LPIPS_LOSS, seed: int = 3
-) -> tuple[Path, Path]:
-    """A taming VQGAN saved as ``{"state_dict": ...}`` beside its YAML; returns both paths."""
-    from taming.models.vqgan import VQModel
+def tiny_vqgan(seed: int = 3, gumbel: bool = False) -> Any:
+    """The taming model a tiny config describes, with seeded random weights."""
+    from taming.models.vqgan import GumbelVQ, VQModel
 
-    folder.mkdir(parents=True, exist_ok=True)
     params = tiny_vqgan_config(DUMMY_LOSS)["model"]["params"]
     torch.manual_seed(seed)
-    model = VQModel(
+    kwargs = {"temperature_scheduler_config": GUMBEL_SCHEDULER} if gumbel else {}
+    return (GumbelVQ if gumbel else VQModel)(
         ddconfig=params["ddconfig"],
         lossconfig={"target": DUMMY_LOSS},
         n_embed=params["n_embed"],
         embed_dim=params["embed_dim"],
+        **kwargs,
     )
+
+
+def write_tiny_vqgan(
+    folder: Path, loss_target: str = LPIPS_LOSS, seed: int = 3, gumbel: bool = False
+) -> tuple[Path, Path]:
+    """A taming VQGAN saved as ``{"state_dict": ...}`` beside its YAML; returns both paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = tiny_vqgan(seed, gumbel)
     model_path, config_path = folder / "vqgan.ckpt", folder / "vqgan.yaml"
     torch.save({"state_dict": model.state_dict()}, model_path)
-    config_path.write_text(yaml.safe_dump(tiny_vqgan_config(loss_target)), encoding="utf-8")
+    config = tiny_vqgan_config(loss_target, gumbel)
+    if loss_target == DUMMY_LOSS:  # a local copy plain DALLE-pytorch can build
+        del config["model"]["params"]["ckpt_path"]
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return model_path, config_path
 
 

@@ -99,15 +99,17 @@ class Options:
 Adapter = Callable[[list[SourceFile], Options], Iterator[Chunk]]
 
 
-FORMATS = ("cc12m", "wit", "yfcc")
+# ``<module>_<variant>`` names a module's ``read_<variant>`` (yfcc_sqlite: yfcc.read_sqlite).
+FORMATS = ("cc12m", "wit", "yfcc", "yfcc_sqlite")
 
 
 def adapter(fmt: str) -> Adapter:
     """The reader for a ``format`` config value (its module is imported on demand)."""
     if fmt not in FORMATS:
         raise SourceError(f"unknown source format {fmt!r}: use one of {list(FORMATS)}")
-    module = importlib.import_module(f"dalle_data.pipeline.sources.{fmt}")
-    read: Adapter = module.read
+    name, _, variant = fmt.partition("_")
+    module = importlib.import_module(f"dalle_data.pipeline.sources.{name}")
+    read: Adapter = getattr(module, f"read_{variant}" if variant else "read")
     return read
 
 

@@ -1,0 +1,82 @@
+"""The pipeline with a bucket output_dir: shards built to S3 through Snakemake's storage
+plugin are byte-identical to a local build, objects appear only complete, and kill -9 during
+the upload followed by the same command ends identical. Against moto's S3 on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.http import Route, serve
+from tests.test_build_pipeline import CONFIG, SNAKEFILE, finished, shard_bytes, snakemake
+from tests.test_download import image_bytes, write_metadata
+
+
+def bucket_objects(s3, bucket: str, prefix: str) -> dict[str, bytes]:
+    client = s3.client()
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {
+        o["Key"].removeprefix(prefix): client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        for o in listed
+    }
+
+
+@pytest.mark.slow
+def test_shards_built_to_a_bucket_equal_a_local_build_even_after_kill_9(tmp_path: Path, s3) -> None:
+    bucket = s3.bucket()
+    routes = {f"/{i}.jpg": Route(image_bytes("RGB", (80 + i, 70), "JPEG", i)) for i in range(10)}
+    with serve(routes) as server:
+        rows = [
+            {"row_id": 10 * i + 3, "url": server.url(f"/{i}.jpg"), "caption": f"photo {i}"}
+            for i in range(10)
+        ]
+        builds = {}
+        for mode in ("local", "bucket"):
+            work = tmp_path / mode
+            write_metadata(work / "data" / "cc12m", rows, {"too_short": 2})
+            (work / "Snakefile").write_text(SNAKEFILE)
+            out = "data" if mode == "local" else f"s3://{bucket}/run/data"
+            (work / "extra.yaml").write_text(
+                CONFIG.replace("output_dir: data", f"output_dir: {out}")
+            )
+            builds[mode] = work
+        finished(snakemake(builds["local"], "--cores", "2", "target"))
+        local = shard_bytes(builds["local"] / "data" / "cc12m" / "shards")
+        local["verify.json"] = (builds["local"] / "data/cc12m/shards/verify.json").read_bytes()
+
+        # Bucket build: kill -9 as soon as the first object of the shards folder is listed.
+        work = builds["bucket"]
+        prefix = "run/data/cc12m/shards/"
+        client = s3.client()
+        proc = snakemake(work, "--cores", "2", "target")
+        deadline = time.monotonic() + 300
+        while not client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount"):
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the upload never started"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        at_kill = bucket_objects(s3, bucket, prefix)
+        # every object listed is whole: exactly the local build's file of that name
+        assert at_kill and all(local[name] == body for name, body in at_kill.items())
+        finished(snakemake(work, "--unlock"))
+        log = finished(snakemake(work, "--cores", "2", "--rerun-incomplete", "target"))
+    uploaded = bucket_objects(s3, bucket, prefix)
+    # the bucket holds exactly the shards folder built in work_dir, every byte ...
+    staged = work / "data" / "cc12m" / "shards"
+    assert uploaded == {p.name: p.read_bytes() for p in staged.iterdir()}
+    # ... and, but for build.json (the run's facts: times, host), what a local build gives
+    assert {k: v for k, v in uploaded.items() if k != "build.json"} == local
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    # the stages before the upload ran locally, in work_dir
+    assert (work / "data" / "cc12m" / "downloaded").is_dir()
+    # no credential in anything the pipeline wrote or printed
+    secret = s3.secret_key.encode()
+    assert secret not in log.encode()
+    for path in work.rglob("*"):
+        assert not path.is_file() or secret not in path.read_bytes(), path
+    assert all(secret not in body for body in bucket_objects(s3, bucket, "").values())
