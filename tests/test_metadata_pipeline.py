@@ -126,7 +126,7 @@ def test_rules_build_every_dataset_with_exact_accounting(workdir: Path) -> None:
     assert "rule filter:" in result.stderr and "rule normalize:" not in result.stderr
     filt = _read(workdir / "out/sample/metadata/filter.json")
     assert {k: v for k, v in filt["dropped"].items() if v} == {"duplicate_url": 1}
-    assert filt["output_rows"] == 2002
+    assert filt["output_rows"] == 2003  # 2000 pictures, a copy of one, two bad entries
 
 
 def test_bad_dataset_name_fails_before_any_work(workdir: Path) -> None:
