@@ -74,6 +74,17 @@ def _key_value(item: str) -> tuple[str, str]:
     return key, value
 
 
+def _bounds(items: list[str] | None) -> dict[str, float]:
+    bounds = {}
+    for item in items or []:
+        key, value = _key_value(item)
+        try:
+            bounds[key] = float(value)
+        except ValueError:
+            fail(f"expected COLUMN=NUMBER, got {item!r}")
+    return bounds
+
+
 def fail(message: str) -> None:
     """Print one clear error line and exit 1 (user or data error, not a bug)."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
@@ -98,7 +109,9 @@ def fetch_cmd(
 
 @app.command("normalize")
 def normalize_cmd(
-    format: Annotated[str, typer.Option(help="source format: cc12m, wit, yfcc or yfcc_sqlite")],
+    format: Annotated[
+        str, typer.Option(help="source format: cc12m, wit, yfcc, yfcc_sqlite, table or folder")
+    ],
     raw_dir: Annotated[Path, typer.Option(help="the fetched files: <out>/<ds>/raw")],
     metadata_dir: Annotated[Path, typer.Option(help="output folder: <out>/<ds>/metadata")],
     language: Annotated[
@@ -107,11 +120,53 @@ def normalize_cmd(
     license: Annotated[
         list[str] | None, typer.Option(help="YFCC license names to keep (default: every CC one)")
     ] = None,
+    url_column: Annotated[str, typer.Option(help="table: the image URL column")] = "url",
+    caption_column: Annotated[str, typer.Option(help="table: the caption column")] = "caption",
+    license_column: Annotated[str | None, typer.Option(help="table: a license column")] = None,
+    width_column: Annotated[str | None, typer.Option(help="table: an image width column")] = None,
+    height_column: Annotated[str | None, typer.Option(help="table: an image height column")] = None,
+    id_column: Annotated[
+        str | None,
+        typer.Option(help="table: a column of unique whole-number row ids (default: row number)"),
+    ] = None,
+    keep_column: Annotated[
+        list[str] | None, typer.Option(help="table: a column copied into each sample's .json")
+    ] = None,
+    value_column: Annotated[
+        list[str] | None, typer.Option(help="table: a numeric column the filters bound")
+    ] = None,
+    file_type: Annotated[
+        str | None, typer.Option(help="table: csv, tsv, jsonl or parquet (default: by name)")
+    ] = None,
+    header: Annotated[bool, typer.Option(help="table: csv/tsv files start with a header")] = True,
+    column_name: Annotated[
+        list[str] | None, typer.Option(help="table: csv/tsv column names, in order (repeat)")
+    ] = None,
+    caption_lines: Annotated[
+        str, typer.Option(help="folder: `first` caption line, or `each` line a sample")
+    ] = "first",
 ) -> None:
     """Stream a source through its format adapter into normalized.parquet + normalize.json."""
     from dalle_data.pipeline.normalize import normalize
+    from dalle_data.pipeline.sources import Options
 
-    record = normalize(format, raw_dir, metadata_dir, languages=language, licenses=license)
+    options = Options(
+        languages=list(language or ["en"]),
+        licenses=list(license or []),
+        url_column=url_column,
+        caption_column=caption_column,
+        license_column=license_column,
+        width_column=width_column,
+        height_column=height_column,
+        id_column=id_column,
+        keep_columns=list(keep_column or []),
+        value_columns=list(value_column or []),
+        file_type=file_type,
+        header=header,
+        column_names=list(column_name or []),
+        caption_lines=caption_lines,
+    )
+    record = normalize(format, raw_dir, metadata_dir, options)
     typer.echo(
         f"{record['input_rows']} rows in, {record['output_rows']} out, dropped {record['dropped']}"
     )
@@ -135,8 +190,16 @@ def filter_cmd(
         list[str] | None, typer.Option(help="drop captions holding this word (repeat)")
     ] = None,
     workers: Annotated[int, typer.Option(help="caption cleaning processes (0 = all cores)")] = 0,
+    min_value: Annotated[
+        list[str] | None,
+        typer.Option(help="COLUMN=NUMBER: drop rows below it (table value columns; repeat)"),
+    ] = None,
+    max_value: Annotated[
+        list[str] | None,
+        typer.Option(help="COLUMN=NUMBER: drop rows above it (table value columns; repeat)"),
+    ] = None,
 ) -> None:
-    """Subset, URL, caption and duplicate filters: filtered.parquet, dropped.parquet."""
+    """Subset, URL, value, caption and duplicate filters: filtered.parquet, dropped.parquet."""
     from dalle_data.pipeline.filter_stage import FilterOptions, run
 
     options = FilterOptions(
@@ -147,6 +210,8 @@ def filter_cmd(
         max_words=max_words,
         blocklist=tuple(blocklist or ()),
         workers=workers,
+        min_values=_bounds(min_value),
+        max_values=_bounds(max_value),
     )
     record = run(metadata_dir, options)
     typer.echo(
@@ -227,9 +292,25 @@ def download_cmd(
     distributor: Annotated[str, typer.Option(help="multiprocessing or pyspark")] = _DOWNLOAD[
         "distributor"
     ],
-    user_agent_token: Annotated[str, typer.Option(help="token in the User-Agent")] = _DOWNLOAD[
-        "user_agent_token"
-    ],
+    user_agent_token: Annotated[
+        str, typer.Option(help="the crawler's name, first in the User-Agent")
+    ] = _DOWNLOAD["user_agent_token"],
+    contact: Annotated[
+        str | None, typer.Option(help="a URL or e-mail address for the User-Agent")
+    ] = _DOWNLOAD["contact"],
+    max_requests_per_second_per_host: Annotated[
+        float | None,
+        typer.Option(help="requests per second to any one host, all processes (none: no limit)"),
+    ] = _DOWNLOAD["max_requests_per_second_per_host"],
+    retry_rounds: Annotated[
+        int, typer.Option(help="later rounds for rows that failed for a reason that can pass")
+    ] = _DOWNLOAD["retry_rounds"],
+    retry_after_max: Annotated[
+        float, typer.Option(help="longest wait before a round, whatever Retry-After says (s)")
+    ] = _DOWNLOAD["retry_after_max"],
+    retry_backoff: Annotated[
+        float, typer.Option(help="wait before round 1 without Retry-After; doubles per round (s)")
+    ] = _DOWNLOAD["retry_backoff"],
     spark_master: Annotated[
         str | None, typer.Option(help="pyspark: cluster master URL (default local[processes])")
     ] = None,
@@ -237,8 +318,12 @@ def download_cmd(
         list[str] | None, typer.Option(help="pyspark: a Spark setting KEY=VALUE (repeat)")
     ] = None,
 ) -> None:
-    """Download one part's images with img2dataset (resized, webdataset output)."""
-    from dalle_data.pipeline.download import DownloadSettings, download_part
+    """Download one part's images with img2dataset, then fetch again what failed for a reason
+    that can pass (429, 5xx, timeouts, connection, DNS) in retry rounds; write <out>.json.
+
+    Run again on a finished part, it fetches only the rows still failing retryably."""
+    from dalle_data.pipeline.download import DownloadSettings
+    from dalle_data.pipeline.retry import download_with_retries
 
     settings = DownloadSettings(
         image_size=image_size,
@@ -250,11 +335,19 @@ def download_cmd(
         max_aspect_ratio=max_aspect_ratio,
         distributor=distributor,
         user_agent_token=user_agent_token,
+        contact=contact,
+        max_requests_per_second_per_host=max_requests_per_second_per_host,
+        retry_rounds=retry_rounds,
+        retry_after_max=retry_after_max,
+        retry_backoff=retry_backoff,
         spark_master=spark_master,
         spark_conf=tuple(_key_value(item) for item in spark_conf or ()),
     )
-    stats = download_part(part, out, settings)
-    typer.echo(f"{part.name}: {stats.get('successes', 0)} of {stats['rows']} images")
+    record = download_with_retries(part, out, settings)
+    typer.echo(
+        f"{part.name}: {record['downloaded']} of {record['rows']} images after "
+        f"{len(record['rounds'])} retry rounds; {record['retryable']} still retryable"
+    )
 
 
 @app.command("finalize")

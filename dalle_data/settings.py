@@ -15,7 +15,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from dalle_data.config import ConfigError, local_output_dir, tokenizer_file
+from dalle_data.config import TABLE_COLUMNS, ConfigError, local_output_dir, tokenizer_file
 
 _REMOTE = re.compile(r"^(?i:https?|file)://")
 # The `dalle-data download` options a config's `download:` section sets, one to one.
@@ -27,7 +27,14 @@ DOWNLOAD_OPTIONS = (
     "max_aspect_ratio",
     "distributor",
     "user_agent_token",
+    "contact",
+    "max_requests_per_second_per_host",
+    "retry_rounds",
+    "retry_after_max",
+    "retry_backoff",
 )
+# Format options (table, folder) that `dalle-data normalize` takes as `--<key> VALUE`.
+NORMALIZE_OPTIONS = (*TABLE_COLUMNS, "file_type", "caption_lines")
 # The bundled offline source: a local `sample.tsv` that `dalle-data make-sample` writes.
 SAMPLE_SOURCE = "sample.tsv"
 
@@ -76,6 +83,13 @@ class DatasetSettings:
         args = ["--format", self.config["format"]]
         args += [a for lang in self.config.get("languages") or [] for a in ("--language", lang)]
         args += [a for lic in self.config.get("licenses") or [] for a in ("--license", lic)]
+        cfg = self.config
+        args += [a for k in NORMALIZE_OPTIONS if k in cfg for a in (_flag(k), str(cfg[k]))]
+        args += [a for c in cfg.get("keep_columns") or [] for a in ("--keep-column", str(c))]
+        values = sorted({**cfg.get("min_values", {}), **cfg.get("max_values", {})})
+        args += [a for c in values for a in ("--value-column", c)]
+        args += [a for c in cfg.get("column_names") or [] for a in ("--column-name", c)]
+        args += [] if cfg.get("header", True) else ["--no-header"]
         return shlex.join(args)
 
     def filter_args(self) -> str:
@@ -86,6 +100,9 @@ class DatasetSettings:
         args += ["--min-words", str(self.filters["min_words"])]
         args += ["--max-words", str(self.filters["max_words"])]
         args += [a for w in self.filters["blocklist"] for a in ("--blocklist", w)]
+        for key in ("min_values", "max_values"):
+            bounds = sorted(self.config.get(key, {}).items())
+            args += [a for c, v in bounds for a in (_flag(key[:3] + "_value"), f"{c}={v}")]
         return shlex.join(args)
 
     def plan_args(self) -> str:
@@ -97,7 +114,8 @@ class DatasetSettings:
         d = self.download
         args = ["--image-size", str(self.image_size)]
         for key in DOWNLOAD_OPTIONS:
-            args += [f"--{key.replace('_', '-')}", str(d[key])]
+            if d[key] is not None:  # null: the option's own "none" (no contact, no limit)
+                args += [_flag(key), str(d[key])]
         if d.get("spark_master"):
             args += ["--spark-master", d["spark_master"]]
         for key, value in sorted(d.get("spark_conf", {}).items()):
@@ -133,6 +151,11 @@ class DatasetSettings:
 
     def _file_urls(self) -> str:
         return "--allow-file-urls" if self.config["allow_file_urls"] else "--no-allow-file-urls"
+
+
+def _flag(key: str) -> str:
+    """The command-line option for a config key: ``url_column`` -> ``--url-column``."""
+    return "--" + key.replace("_", "-")
 
 
 def resolve(config: dict[str, Any]) -> dict[str, DatasetSettings]:

@@ -113,11 +113,11 @@ def stage_args(stage):
 
 
 def downloaded_parts(wildcards):
-    """Every part folder the download plan of this dataset calls for."""
+    """The record of every part the download plan of this dataset calls for."""
     plan = checkpoints.plan_download.get(dataset=wildcards.dataset).output.plan
     with open(plan) as fh:
         parts = json.load(fh)["parts"]
-    return [f"{OUT}/{wildcards.dataset}/downloaded/{p['name']}" for p in parts]
+    return [f"{OUT}/{wildcards.dataset}/downloaded/{p['name']}.json" for p in parts]
 
 
 def dedup_against_indexes(wildcards):
@@ -129,6 +129,12 @@ def dedup_against_indexes(wildcards):
 # Training (pipelines/train.smk).
 
 TRAIN = config.get("train", {})
+
+
+def all_cores(wildcards):
+    """A training rule's threads: every core --cores gives. A function, so it is asked only
+    for a job to run: `snakemake --unlock` and other commands without --cores still work."""
+    return workflow.cores
 
 
 @functools.cache

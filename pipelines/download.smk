@@ -26,20 +26,24 @@ checkpoint plan_download:
 
 
 rule download:
-    """One part through img2dataset; a finished part is never downloaded again."""
+    """One part through img2dataset, then retry rounds for rows that failed for a reason that
+    can pass. Its images live in downloaded/<part>/ (kept when the rule reruns: a rerun,
+    e.g. --forcerun download, fetches only rows still failing retryably); the output is
+    the part's record."""
     input:
         f"{OUT}/{{dataset}}/download/parts/{{part}}.parquet",
     output:
-        directory(f"{OUT}/{{dataset}}/downloaded/{{part}}"),
+        f"{OUT}/{{dataset}}/downloaded/{{part}}.json",
     threads: config["download"]["processes"]
     resources:
         http=1,
     params:
+        out=subpath(output[0], strip_suffix=".json"),
         args=stage_args("download"),
     log:
         f"{OUT}/{{dataset}}/logs/download/{{part}}.log",
     benchmark:
         f"{OUT}/{{dataset}}/benchmarks/download/{{part}}.tsv"
     shell:
-        "dalle-data download --part {input} --out {output} --processes {threads}"
+        "dalle-data download --part {input} --out {params.out} --processes {threads}"
         " {params.args} > {log} 2>&1"

@@ -20,6 +20,7 @@ rule finalize:
         eval_failures=f"{OUT}/{{dataset}}/eval/failures.parquet",
         eval_index=f"{OUT}/{{dataset}}/eval/index.parquet",
         eval_examples=f"{OUT}/{{dataset}}/eval/duplicate_examples.parquet",
+        build=f"{OUT}/{{dataset}}/shards/build.json",
     params:
         # <dataset_dir>/shards/manifest.json
         dataset_dir=subpath(output.manifest, ancestor=2),
@@ -34,13 +35,14 @@ rule finalize:
 
 
 rule card:
-    """The dataset card: what was built from what, the accounting, and pictures."""
+    """The dataset card: what was built from what, the accounting, retry rounds, and pictures."""
     input:
         manifest=f"{OUT}/{{dataset}}/shards/manifest.json",
         index=f"{OUT}/{{dataset}}/shards/index.parquet",
         examples=f"{OUT}/{{dataset}}/shards/duplicate_examples.parquet",
         eval_manifest=f"{OUT}/{{dataset}}/eval/manifest.json",
         eval_examples=f"{OUT}/{{dataset}}/eval/duplicate_examples.parquet",
+        build=f"{OUT}/{{dataset}}/shards/build.json",
     output:
         card=f"{OUT}/{{dataset}}/shards/README.md",
         sheet=f"{OUT}/{{dataset}}/shards/contact_sheet.png",

@@ -19,7 +19,7 @@ rule init_parent:
         f"{OUT}/{TRAIN['dataset']}/logs/init_{{preset}}.log",
     benchmark:
         f"{OUT}/{TRAIN['dataset']}/benchmarks/init_{{preset}}.tsv"
-    threads: workflow.cores
+    threads: all_cores
     shell:
         "dalle-data init --preset {input.preset} --shards {params.shards}"
         " --seed {params.seed} -o {output} > {log} 2>&1"
@@ -41,7 +41,7 @@ rule train:
         f"{OUT}/{TRAIN['dataset']}/logs/train.log",
     benchmark:
         f"{OUT}/{TRAIN['dataset']}/benchmarks/train.tsv"
-    threads: workflow.cores
+    threads: all_cores
     shell:
         "dalle-data train-extend {input.parent} --shards {params.shards}"
         " --epochs {params.epochs} --output-dir {params.output_dir} {params.options}"

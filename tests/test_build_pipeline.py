@@ -44,6 +44,7 @@ download:
   thread_count: 8
   timeout: 5
   rows_per_part: 6
+  retry_rounds: 0
 """
 RESULTS = [
     "manifest.json",
@@ -67,8 +68,12 @@ def snakemake(workdir: Path, *args: str) -> subprocess.Popen:
 
 
 def finished(proc: subprocess.Popen) -> str:
+    return finished_with(proc, 0)
+
+
+def finished_with(proc: subprocess.Popen, returncode: int) -> str:
     out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == returncode, out[-3000:]
     return out
 
 
@@ -117,14 +122,19 @@ def test_kill9_resume_gives_same_bytes_as_other_split(tmp_path: Path) -> None:
         finished(snakemake(work, "--unlock"))
         finished(snakemake(work, "--cores", "2", "target"))
         assert (done / "00000.tar").stat().st_mtime_ns == first_part  # reused, not redone
-        assert sorted(p.name for p in downloaded.iterdir()) == ["part-00000", "part-00001"]
+        assert sorted(p.name for p in downloaded.iterdir()) == [
+            "part-00000",
+            "part-00000.json",
+            "part-00001",
+            "part-00001.json",
+        ]
         resumed = shard_bytes(work / "data" / "cc12m" / "shards")
         assert (work / "data" / "cc12m" / "shards" / "verify.json").is_file()
 
         # An uninterrupted build of the same rows, split into a single part.
         other = tmp_path / "other" / "cc12m"
         shutil.copytree(work / "data" / "cc12m" / "metadata", other / "metadata")
-        build(other, rows_per_part=100, shard_size=4, dataset="cc12m", tokenizer="simple")
+        build(other, rows_per_part=100, dataset="cc12m", tokenizer="simple", retry_rounds=0)
         from dalle_data.pipeline.dataset_card import write_card
 
         write_card(other / "shards")
@@ -165,3 +175,42 @@ def test_end_to_end_cc12m_shards(tmp_path: Path) -> None:
     assert counts["failed"] == {"http_404": 1}
     assert sum(counts["dropped"].values()) == 1  # the empty caption
     assert (shards / "verify.json").is_file() and (shards / "README.md").is_file()
+
+
+def test_unlock_after_kill9_in_a_copy_of_the_repository(tmp_path: Path) -> None:
+    """What Snakemake tells people after a kill -9, run where they run it: the project root
+    (every tracked file), `snakemake --unlock` with no other argument, then with a target
+    and --configfile."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: no tracked files to copy")
+    root = tmp_path / "repo"
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+
+    def run(*args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [str(BIN / "snakemake"), *args],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    proc = run("--cores", "1", "sample_shards")
+    locks = root / ".snakemake" / "locks"
+    deadline = time.monotonic() + 300
+    while not list(locks.glob("*.lock")):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "snakemake never locked the folder"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    locked = run("--cores", "1", "sample_shards")
+    assert "--unlock" in finished_with(locked, 1)  # Snakemake says how to recover
+    assert "Unlocked working directory" in finished(run("--unlock"))
+    assert not list(locks.glob("*.lock"))
+    out = finished(run("--unlock", "sample_shards", "--configfile", "configs/config.yaml"))
+    assert "Unlocked working directory" in out

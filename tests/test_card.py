@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 from dalle_data.formats.manifest import write_manifest
 from dalle_data.formats.webdataset import Sample, row_key, write_shards
 from dalle_data.pipeline.dataset_card import _histogram, write_card
-from dalle_data.pipeline.finalize import INDEX
+from dalle_data.pipeline.finalize import BUILD_RECORD, INDEX
 from tests.test_download import image_bytes
 
 TOKENIZER = {"kind": "simple", "vocab_size": 49408, "fingerprint": "a" * 64, "spec": "simple"}
@@ -65,8 +66,8 @@ def test_card_contents_and_stable_bytes(tmp_path: Path) -> None:
         "| dropped: blocklist | 1 |",
         "| failed: http_404 | 2 |",
         "| **written** | **6** |",
-        "| http_404 | 2 | the server answered 404 Not Found |",
-        "| other:weird | 1 | other img2dataset error (see failures.parquet) |",
+        "| http_404 | 2 | no | the server answered 404 Not Found |",
+        "| other:weird | 1 | no | other img2dataset error (see failures.parquet) |",
         "b" * 64,
         "![contact sheet](contact_sheet.png)",
     ):
@@ -76,6 +77,24 @@ def test_card_contents_and_stable_bytes(tmp_path: Path) -> None:
     sheet = Image.open(tmp_path / "a" / "contact_sheet.png")
     assert sheet.format == "PNG" and sheet.size[0] > 400
     assert "Software" not in sheet.info
+
+
+def test_card_shows_retry_rounds_from_the_build_record(tmp_path: Path) -> None:
+    make_shards(tmp_path)
+    assert "## Retry rounds" not in write_card(tmp_path).read_text()
+    rounds = {
+        "rounds": [
+            {"round": 1, "parts": 2, "rows": 40, "recovered": {"http_429": 30}, "wait_seconds": 60},
+            {"round": 2, "parts": 1, "rows": 10, "recovered": {}, "wait_seconds": 12.5},
+        ],
+        "recovered": {"http_429": 30},
+        "still_retryable": 10,
+    }
+    (tmp_path / BUILD_RECORD).write_text(json.dumps({"retry_rounds": rounds}))
+    card = write_card(tmp_path).read_text()
+    assert "| 1 | 2 | 40 | 60.0 | http_429: 30 |" in card
+    assert "| 2 | 1 | 10 | 12.5 | none |" in card
+    assert "Recovered in all: 30; still retryable: 10." in card
 
 
 def test_histograms_draw_bars_only_for_data(tmp_path: Path) -> None:

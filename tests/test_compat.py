@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,63 @@ def test_img2dataset_mode_reaches_the_processes_it_spawns(tmp_path):
 
     assert torch_absent_in_child("img2dataset") == "True"
     assert torch_absent_in_child("plain") == "False"
+
+
+REDUCED_DECODE_SCRIPT = """
+import io, json
+import cv2, numpy as np
+from PIL import Image
+from img2dataset.resizer import Resizer
+import dalle_data.compat as compat
+
+rng = np.random.default_rng(0)
+def jpeg(w, h, mode="RGB", fmt="JPEG"):
+    small = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((w, h), Image.BICUBIC).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, fmt, quality=92)
+    return buf.getvalue()
+
+bodies = {"rgb": jpeg(640, 400), "gray": jpeg(400, 304, "L"), "small": jpeg(96, 64),
+          "wide": jpeg(1000, 330), "png": jpeg(400, 300, fmt="PNG"), "broken": b"\\xff\\xd8 no"}
+resizer = Resizer(image_size=64, resize_mode="keep_ratio", resize_only_if_bigger=False,
+                  min_image_size=16, max_aspect_ratio=3.0)
+full = {k: resizer(io.BytesIO(b)) for k, b in bodies.items()}
+compat._reduced_jpeg_decode()
+from img2dataset import resizer as module
+shapes = []
+real = module.cv2._cv2
+class Spy:
+    def __getattr__(self, name):
+        return getattr(real, name)
+    def imdecode(self, buf, flags):
+        out = real.imdecode(buf, flags)
+        shapes.append(None if out is None else out.shape[:2])
+        return out
+module.cv2._cv2 = Spy()
+ours = {k: resizer(io.BytesIO(b)) for k, b in bodies.items()}
+def psnr(a, b):
+    a, b = (cv2.imdecode(np.frombuffer(x, np.uint8), cv2.IMREAD_UNCHANGED) for x in (a, b))
+    return float(10 * np.log10(255 ** 2 / np.mean((a.astype(float) - b) ** 2)))
+print(json.dumps({
+    "shapes": shapes,
+    "same": {k: full[k][1:] == ours[k][1:] for k in bodies},
+    "psnr": {k: psnr(full[k][0], ours[k][0]) for k in bodies if full[k][0] is not None},
+    "scales": [compat.jpeg_scale(resizer, *s) for s in ((640, 400), (129, 129), (128, 128))],
+}))
+"""
+
+
+def test_img2dataset_decodes_large_jpegs_at_a_reduced_scale_with_the_same_answers(tmp_path):
+    """DCT-scaled decode only where it can: sizes, filters and errors stay img2dataset's own."""
+    script = tmp_path / "reduced.py"
+    script.write_text(REDUCED_DECODE_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    # rgb 640x400 -> 1/4 (160x100), gray 400x304 -> 1/4 (100x76); the small JPEG, the
+    # 3:1 one that the aspect-ratio filter refuses, the PNG and the broken body: full decodes
+    assert found["shapes"] == [[100, 160], [76, 100], [64, 96], [330, 1000], [300, 400], None]
+    assert all(found["same"].values()), found["same"]  # sizes, original sizes, errors
+    assert min(found["psnr"].values()) >= 38, found["psnr"]
+    assert found["scales"] == [4, 2, 1]  # 129 / 2 rounds up to 65 > 64; 128 / 2 does not

@@ -134,3 +134,51 @@ def test_snakemake_builds_a_dedup_against_dataset_first(tmp_path):
     wit_finalize = plan[plan.index(f"output: {out}/wit/shards/manifest.json") - 400 :]
     assert f"{out}/cc12m/eval/index.parquet" in wit_finalize.split("output:")[0]
     assert f"output: {out}/cc12m/shards/manifest.json" in plan
+
+
+def test_config_values_from_the_command_line_are_coerced_by_the_schema():
+    """`--config` parses nested values as strings (YAML BaseLoader): the README's form works."""
+    from snakemake.cli import parse_config
+    from snakemake.utils import update_config
+
+    cfg = defaults()
+    given = parse_config(
+        [
+            "datasets={cc12m: {format: cc12m, source: x.tsv, fraction: 0.01, max_rows: null}, "
+            "laion: {format: table, source: [a.parquet], url_column: URL, caption_column: TEXT, "
+            "min_values: {similarity: 0.3}, header: false}, wit: {format: wit, source: w.tsv, "
+            "wit_files: [1, 2], allow_file_urls: true}}",
+            "shard_size=10",
+        ]
+    )
+    assert given["datasets"]["cc12m"]["fraction"] == "0.01"
+    update_config(cfg, given)
+    config.validate(cfg)
+    assert cfg["datasets"]["cc12m"]["fraction"] == 0.01
+    assert cfg["datasets"]["cc12m"]["max_rows"] is None
+    assert cfg["datasets"]["laion"]["min_values"] == {"similarity": 0.3}
+    assert cfg["datasets"]["laion"]["header"] is False
+    assert cfg["datasets"]["wit"]["wit_files"] == [1, 2]
+    assert cfg["datasets"]["wit"]["allow_file_urls"] is True
+    assert cfg["datasets"]["laion"]["url_column"] == "URL"
+
+
+def test_a_string_that_is_not_the_wanted_type_is_still_refused():
+    cfg = defaults()
+    cfg["datasets"]["cc12m"]["fraction"] = "a lot"
+    with pytest.raises(config.ConfigError, match="datasets.cc12m.fraction: 'a lot'"):
+        config.validate(cfg)
+
+
+def test_format_keys_belong_to_their_format_and_folders_read_file_urls():
+    cfg = defaults()
+    cfg["datasets"]["cc12m"]["url_column"] = "URL"
+    with pytest.raises(config.ConfigError, match="url_column apply only to format: table"):
+        config.validate(cfg)
+    cfg = defaults()
+    cfg["datasets"]["photos"] = {"format": "folder", "source": "my-photos"}
+    config.validate(cfg)
+    assert cfg["datasets"]["photos"]["allow_file_urls"] is True
+    cfg["datasets"]["photos"]["allow_file_urls"] = False
+    with pytest.raises(config.ConfigError, match="photos.allow_file_urls"):
+        config.validate(cfg)

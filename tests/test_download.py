@@ -23,12 +23,12 @@ from dalle_data.formats.webdataset import read_shard, row_key
 from dalle_data.pipeline.download import (
     GLIBC_TUNABLES,
     DownloadSettings,
-    download_part,
-    failure_reason,
     plan_download,
     read_plan,
 )
+from dalle_data.pipeline.failures import failure_reason
 from dalle_data.pipeline.finalize import finalize
+from dalle_data.pipeline.retry import download_with_retries
 from tests.helpers.http import LocalServer, Route, reset, serve, stall
 
 TIMEOUT = 5.0  # generous: on a loaded 2-core machine a 1 s connect can time out
@@ -94,7 +94,7 @@ BAD = {
     "/missing.jpg": "http_404",
     "/error.jpg": "http_5xx",
     "/stall.jpg": "timeout",
-    "/reset.jpg": "connection_error",
+    "/reset.jpg": "connection",
     "/loop.jpg": "too_many_redirects",
     "/page.jpg": "decode_error",
     "/empty.jpg": "decode_error",
@@ -141,6 +141,7 @@ def write_metadata(ds_dir: Path, rows: list[dict[str, Any]], dropped: dict[str, 
             "license": [r.get("license") for r in rows],
             "width": pa.array([None] * len(rows), pa.int32()),
             "height": pa.array([None] * len(rows), pa.int32()),
+            "extra": pa.array([r.get("extra") for r in rows], pa.string()),
         }
     )
     pq.write_table(table, meta / "filtered.parquet")
@@ -168,10 +169,13 @@ def build(
     tokenizer: str = "simple",
     distributor: str = "multiprocessing",
     processes: int = 1,
-    **finalize_options: Any,
+    holdout: Any = None,
+    dedup_options: Any = None,
+    **download: Any,
 ) -> dict:
-    """plan-download -> download per part -> finalize (with ``finalize_options``: holdout,
-    dedup_options), through the library functions."""
+    """plan-download -> download per part -> finalize (with ``holdout`` and
+    ``dedup_options``), through the library functions;
+    ``download`` overrides DownloadSettings (retry rounds, rate limit ...)."""
     plan = plan_download(
         ds_dir / "metadata" / "filtered.parquet",
         ds_dir / "download",
@@ -184,9 +188,10 @@ def build(
         thread_count=16,
         timeout=TIMEOUT,
         distributor=distributor,
+        **download,
     )
     for part in plan["parts"]:
-        download_part(
+        download_with_retries(
             ds_dir / "download" / "parts" / f"{part['name']}.parquet",
             ds_dir / "downloaded" / part["name"],
             settings,
@@ -197,7 +202,8 @@ def build(
         tokenizer_spec=tokenizer,
         image_size=IMAGE_SIZE,
         shard_size=shard_size,
-        **finalize_options,
+        holdout=holdout,
+        dedup_options=dedup_options,
     )
 
 
@@ -223,7 +229,8 @@ def hostile(
         )
         ds_dir = tmp_path_factory.mktemp("hostile") / "test"
         write_metadata(ds_dir, rows, {"empty_caption": 3})
-        build(ds_dir, rows_per_part=11)
+        # No retry rounds: the timeout, reset and 500 stay failed (tests/test_retry.py).
+        build(ds_dir, rows_per_part=11, retry_rounds=0)
         yield server, rows, ds_dir
 
 
@@ -291,7 +298,7 @@ def test_file_url_of_web_dataset_never_reaches_img2dataset(
 def test_no_partial_folders_left(hostile: tuple[LocalServer, list[dict], Path]) -> None:
     _, _, ds_dir = hostile
     names = sorted(p.name for p in (ds_dir / "downloaded").iterdir())
-    assert names == ["part-00000", "part-00001"]
+    assert names == ["part-00000", "part-00000.json", "part-00001", "part-00001.json"]
     assert not list((ds_dir / "shards").glob(".*.tmp"))
 
 
@@ -327,7 +334,11 @@ def test_missing_local_file_is_counted_as_file_not_found(tmp_path: Path) -> None
         ("HTTP Error 503: Service Unavailable", "http_5xx"),
         ("HTTP Error 403: Forbidden", "http_403"),
         ("<urlopen error timed out>", "timeout"),
-        ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
+        ("<urlopen error [Errno 111] Connection refused>", "connection"),
+        ("<urlopen error [Errno -3] Temporary failure in name resolution>", "dns"),
+        ("<urlopen error [Errno -2] Name or service not known>", "dns_not_found"),
+        ("HTTP Error 429: Too Many Requests", "http_429"),
+        ("[http_429 retry-after=30] HTTP Error 429: Too Many Requests", "http_429"),
         ("<urlopen error unknown url type: ftp>", "file_url_refused"),
         ("<urlopen error [Errno 2] No such file or directory: '/x/1.jpg'>", "file_not_found"),
         ("something odd happened!", "other:something_odd_happened"),

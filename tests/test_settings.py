@@ -80,3 +80,28 @@ def test_stage_arguments_quote_what_the_shell_would_split() -> None:
         "--source", "a b.tsv", "--source", "https://h/c.tsv", "--subset", "s t.tsv"
     ]  # fmt: skip
     assert resolved.local_inputs == ["a b.tsv", "s t.tsv"]
+
+
+def test_table_and_folder_options_reach_normalize_and_filter() -> None:
+    laion = {
+        "format": "table",
+        "source": "part.parquet",
+        "url_column": "URL",
+        "caption_column": "TEXT",
+        "keep_columns": ["similarity", "NSFW"],
+        "min_values": {"similarity": 0.3},
+        "max_values": {"punsafe": 0.5},
+    }
+    sheet = {"format": "table", "source": "a.csv", "header": False, "url_column": 0}
+    photos = {"format": "folder", "source": "my-photos", "caption_lines": "each"}
+    ds = resolve(_config(laion=laion, sheet=sheet, photos=photos))
+    assert shlex.split(ds["laion"].normalize_args()) == [
+        "--format", "table", "--url-column", "URL", "--caption-column", "TEXT",
+        "--keep-column", "similarity", "--keep-column", "NSFW",
+        "--value-column", "punsafe", "--value-column", "similarity",
+    ]  # fmt: skip
+    filters = shlex.split(ds["laion"].filter_args())
+    assert filters[-4:] == ["--min-value", "similarity=0.3", "--max-value", "punsafe=0.5"]
+    assert shlex.split(ds["sheet"].normalize_args())[2:] == ["--url-column", "0", "--no-header"]
+    assert "--caption-lines" in ds["photos"].normalize_args()
+    assert "--allow-file-urls" in shlex.split(ds["photos"].filter_args())

@@ -1,12 +1,13 @@
 """The dataset card ``shards/README.md``: provenance, accounting and pictures of the data.
 
 Everything here is derived from ``manifest.json``, ``index.parquet`` (per-sample caption
-length and original size, written by finalize so the card never re-reads every image), the
-first shard (for the contact sheet), and, for the duplicates section, both shard sets'
-``failures.parquet`` (which key each duplicate matched) and ``duplicate_examples.parquet``
-(a few pairs with both images) and the eval split's manifest. The PNGs are drawn with
-Pillow in a few tens of milliseconds (matplotlib's import and layout took about two
-seconds of every build) and carry no metadata, so the same shards give the same card bytes.
+length and original size, written by finalize so the card never re-reads every image),
+the first shard (for the contact sheet), for the download's retry rounds (run facts)
+``build.json``, and, for the duplicates section, both shard sets' ``failures.parquet``
+(which key each duplicate matched) and ``duplicate_examples.parquet`` (a few pairs with
+both images) and the eval split's manifest. The PNGs are drawn with Pillow in a few tens
+of milliseconds (matplotlib's import and layout took about two seconds of every build) and
+carry no metadata, so the same shards give the same pictures.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import pyarrow.parquet as pq
 from dalle_data.atomic import atomic_open, atomic_path
 from dalle_data.formats.manifest import read_manifest
 from dalle_data.formats.webdataset import read_shard
-from dalle_data.pipeline.finalize import EXAMPLES, FAILURES, INDEX, SPLIT_DIRS
+from dalle_data.pipeline.failures import RETRYABLE, meaning
+from dalle_data.pipeline.finalize import BUILD_RECORD, EXAMPLES, FAILURES, INDEX, SPLIT_DIRS
 
 CARD = "README.md"
 CONTACT_SHEET = "contact_sheet.png"
@@ -34,21 +36,6 @@ SHEET_SAMPLES = 16
 DUPLICATE_MEANINGS = {
     "duplicate_image": "repeats an earlier kept key of the same split",
     "eval_duplicate": "a training row showing an image of the eval split",
-}
-
-REASONS = {
-    "http_404": "the server answered 404 Not Found",
-    "http_5xx": "the server answered a 5xx error",
-    "timeout": "no complete answer within download.timeout seconds",
-    "connection_error": "connection refused, reset or closed early",
-    "too_many_redirects": "a redirect loop",
-    "decode_error": "the bytes are not a decodable image (HTML, text, empty, truncated, junk)",
-    "image_too_small": "shorter side below download.min_image_size",
-    "aspect_ratio": "long side / short side above download.max_aspect_ratio",
-    "decompression_bomb": "more than 89,478,485 pixels (Pillow's limit), refused before decoding",
-    "x_robots_tag_opt_out": "the server's X-Robots-Tag opts the image out of AI use (noai, ...)",
-    "file_url_refused": "not an http(s) URL, and the dataset does not allow file URLs",
-    "file_not_found": "a file: URL naming a file that does not exist",
 }
 
 
@@ -82,9 +69,11 @@ def write_card(shards_dir: Path) -> Path:
     )
     folders = _split_folders(shards_dir)
     _duplicate_pairs(folders, shards_dir / DUPLICATES)
+    build_path = shards_dir / BUILD_RECORD
+    build = json.loads(build_path.read_text(encoding="utf-8")) if build_path.is_file() else {}
     path = shards_dir / CARD
     with atomic_open(path, "w", encoding="utf-8") as fh:
-        fh.write(_markdown(manifest) + _duplicates_markdown(folders))
+        fh.write(_markdown(manifest, build.get("retry_rounds")) + _duplicates_markdown(folders))
     return path
 
 
@@ -183,7 +172,7 @@ def _duplicate_pairs(folders: dict[str, Path], path: Path) -> None:
     _save(sheet, path)
 
 
-def _markdown(manifest: dict[str, Any]) -> str:
+def _markdown(manifest: dict[str, Any], rounds: dict[str, Any] | None) -> str:
     counts = manifest["counts"]
     tok = manifest["tokenizer"]
     shards = len(manifest["shards"])
@@ -216,16 +205,19 @@ def _markdown(manifest: dict[str, Any]) -> str:
         lines += [
             "## Download failures",
             "",
-            "Each failed row, with img2dataset's raw message, is in `failures.parquet`.",
+            "Each failed row, with img2dataset's raw message, is in `failures.parquet`. "
+            "Rows failed for a reason marked *retryable* may still come: rerun the download "
+            "(`snakemake --forcerun download ...`) and only they are fetched again.",
             "",
-            "| reason | rows | meaning |",
-            "|---|---:|---|",
+            "| reason | rows | retryable | meaning |",
+            "|---|---:|---|---|",
         ]
         lines += [
-            f"| {k} | {v} | {REASONS.get(k, 'other img2dataset error (see failures.parquet)')} |"
+            f"| {k} | {v} | {'yes' if k in RETRYABLE else 'no'} | {meaning(k)} |"
             for k, v in counts["failed"].items()
         ]
         lines.append("")
+    lines += _rounds_section(rounds)
     lines += [
         "## Samples",
         "",
@@ -250,6 +242,30 @@ def _markdown(manifest: dict[str, Any]) -> str:
     ]
     lines += ["", "Check them with `dalle-data verify <this folder>`.", ""]
     return "\n".join(lines)
+
+
+def _rounds_section(rounds: dict[str, Any] | None) -> list[str]:
+    """The download's retry rounds (run facts from build.json): what each round recovered."""
+    if not rounds or not rounds["rounds"]:
+        return []
+    lines = [
+        "## Retry rounds",
+        "",
+        "Rows that failed for a reason that can pass were fetched again after the wait the "
+        "server asked for (Retry-After) or an exponential backoff. Recovered images sit in "
+        "the shards exactly where a first-time answer would have put them.",
+        "",
+        "| round | parts | rows tried again | longest wait (s) | recovered |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for r in rounds["rounds"]:
+        recovered = ", ".join(f"{k}: {v}" for k, v in r["recovered"].items()) or "none"
+        lines.append(
+            f"| {r['round']} | {r['parts']} | {r['rows']} | {r['wait_seconds']:.1f} | {recovered} |"
+        )
+    total = sum(rounds["recovered"].values())
+    lines += ["", f"Recovered in all: {total}; still retryable: {rounds['still_retryable']}.", ""]
+    return lines
 
 
 def _font(size: int) -> Any:

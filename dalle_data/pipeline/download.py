@@ -13,8 +13,8 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,8 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dalle_data.atomic import atomic_path, write_json
-from dalle_data.compat import for_img2dataset
+from dalle_data.compat import for_img2dataset, img2dataset_fetch
 from dalle_data.errors import DalleDataError
+from dalle_data.pipeline.failures import failure_reason
+from dalle_data.pipeline.hosts import Fetch, host_order, user_agent
 
 # Pillow refuses images above 2 x 89,478,485 px and warns above 89,478,485 (its
 # MAX_IMAGE_PIXELS); img2dataset decodes with OpenCV, whose own limit (2**30 px) would let a
@@ -46,8 +48,12 @@ GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_thresho
 PLAN = "plan.json"
 # Not *.json: img2dataset takes every JSON file in its output folder for a shard's stats.
 PARAMS = "dalle_data.params"
+# The params key saying how img2dataset's input was ordered: it decides which rows share
+# an img2dataset shard, never what is downloaded, so it stays out of the manifest.
+INPUT_ORDER = "input_order"
 REFUSED = "refused.parquet"
-PART_COLUMNS = ["row_id", "url", "caption", "license"]
+# `extra`: a table source's kept columns, which finalize copies into each sample's .json.
+PART_COLUMNS = ["row_id", "url", "caption", "license", "extra"]
 MAX_SAMPLES_PER_SHARD = 10_000
 WEB_SCHEMES = ("http://", "https://")
 
@@ -161,6 +167,16 @@ class DownloadSettings:
     max_aspect_ratio: float = 3.0
     distributor: str = "multiprocessing"
     user_agent_token: str = "dalle-data"
+    # A URL or e-mail address for the User-Agent, so a host can reach whoever crawls it.
+    contact: str | None = None
+    # None: no limit. Holds across every thread and process of one download job.
+    max_requests_per_second_per_host: float | None = None
+    # Later rounds for rows that failed for a reason that can pass (failures.RETRYABLE),
+    # after the server's Retry-After (at most retry_after_max seconds), else after
+    # retry_backoff * 2**(round - 1) seconds with jitter.
+    retry_rounds: int = 2
+    retry_after_max: float = 300.0
+    retry_backoff: float = 5.0
     # pyspark only: the cluster to run on (None: local[processes]) and extra Spark settings.
     spark_master: str | None = None
     spark_conf: tuple[tuple[str, str], ...] = ()
@@ -174,6 +190,8 @@ class DownloadSettings:
             "min_image_size": self.min_image_size,
             "max_aspect_ratio": self.max_aspect_ratio,
             "max_image_pixels": MAX_IMAGE_PIXELS,
+            # compat.for_img2dataset: large JPEGs are decoded at 1/2-1/8 scale
+            "jpeg_decode": "dct-scaled",
         }
 
 
@@ -201,27 +219,105 @@ def spark_session(settings: DownloadSettings) -> Iterator[None]:
         spark.stop()
 
 
-def download_part(part: Path, out_dir: Path, settings: DownloadSettings) -> dict[str, Any]:
-    """Run img2dataset on one part parquet into ``out_dir`` (renamed into place when complete)."""
+def download_part(
+    part: Path, out_dir: Path, settings: DownloadSettings, *, scratch: Path | None = None
+) -> dict[str, Any]:
+    """Run img2dataset on one part parquet into ``out_dir`` (renamed into place when complete).
+
+    A finished ``out_dir`` of the same rows and settings is kept as it is. ``scratch`` holds
+    the job's host schedules and rate-ordered inputs (a temporary folder when None).
+    """
     rows = pq.read_metadata(part).num_rows
     partial = out_dir.with_name(out_dir.name + ".partial")
     params_path = partial / PARAMS
     per_shard = max(1, min(MAX_SAMPLES_PER_SHARD, math.ceil(rows / max(1, settings.processes))))
+    expected = math.ceil(rows / per_shard)
+    rate = settings.max_requests_per_second_per_host
     # A resumed part must cut its rows into the same img2dataset shards as the first attempt.
     params = {
         "part": part.name,
         "rows": rows,
         "samples_per_shard": per_shard,
+        INPUT_ORDER: "host_rate" if rate else "row",
         **settings.output_affecting(),
     }
+    if _finished(out_dir, params):
+        return _stats(out_dir, part)
     if partial.exists() and (
         not params_path.is_file() or json.loads(params_path.read_text()) != params
     ):
         shutil.rmtree(partial)  # left by a run with other settings: its shards do not apply
     partial.mkdir(parents=True, exist_ok=True)
     write_json(params_path, params)
+    with contextlib.ExitStack() as stack:
+        if scratch is None:
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dalle-data-")))
+        _run_part(part, partial, settings, scratch, rows=rows, per_shard=per_shard)
+    done = sorted(partial.glob("*_stats.json"))
+    if len(done) != expected:
+        raise DownloadError(
+            f"img2dataset finished {len(done)} of {expected} shards of {part} (see the log): "
+            "rerun the download; finished shards in "
+            f"{partial} are reused"
+        )
+    shutil.rmtree(partial / "_tmp", ignore_errors=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(partial, out_dir)
+    return _stats(out_dir, part)
+
+
+def _finished(out_dir: Path, params: dict[str, Any]) -> bool:
+    """Whether ``out_dir`` holds every row of the part with the same output-affecting
+    settings, however its rows were cut into img2dataset shards (processes, rate limit)."""
+    path = out_dir / PARAMS
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text())
+    cut = ("samples_per_shard", INPUT_ORDER)
+    same = {k: v for k, v in saved.items() if k not in cut} == {
+        k: v for k, v in params.items() if k not in cut
+    }
+    shards = math.ceil(saved["rows"] / saved["samples_per_shard"])
+    return same and len(list(out_dir.glob("*_stats.json"))) == shards
+
+
+def _stats(out_dir: Path, part: Path) -> dict[str, Any]:
+    stats: Counter[str] = Counter()
+    for path in sorted(out_dir.glob("*_stats.json")):
+        record = json.loads(path.read_text())
+        stats["count"] += record["count"]
+        stats["successes"] += record["successes"]
+    return {"part": part.name, "rows": pq.read_metadata(part).num_rows, **stats}
+
+
+def _run_part(
+    part: Path,
+    partial: Path,
+    settings: DownloadSettings,
+    scratch: Path,
+    *,
+    rows: int,
+    per_shard: int,
+) -> None:
+    """img2dataset on ``part`` into ``partial``, its requests paced per host when limited."""
+    rate = settings.max_requests_per_second_per_host
+    url_list = part
+    if rate:
+        # Rows of a busy host go to the back rather than hold every thread while they wait.
+        table = pq.read_table(part)
+        order = host_order(table.column("url").to_pylist(), math.ceil(rows / per_shard))
+        url_list = scratch / "inputs" / part.name
+        url_list.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(url_list) as tmp:
+            pq.write_table(table.take(order), tmp)
+    fetch = Fetch(
+        user_agent=user_agent(settings.user_agent_token, settings.contact),
+        max_requests_per_second=rate,
+        hosts_dir=str(scratch / "hosts"),
+    )
     options = dict(
-        url_list=str(part),
+        url_list=str(url_list),
         input_format="parquet",
         url_col="url",
         save_additional_columns=["row_id", "license"],
@@ -249,7 +345,7 @@ def download_part(part: Path, out_dir: Path, settings: DownloadSettings) -> dict
         incremental_mode="incremental",
     )
     runner = multiprocessing.get_context("spawn").Process(
-        target=_run_img2dataset, args=(options, settings), name=f"img2dataset {part.name}"
+        target=_run_img2dataset, args=(options, settings, fetch), name=f"img2dataset {part.name}"
     )
     with _environment(GLIBC_TUNABLES=os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES)):
         runner.start()
@@ -259,24 +355,6 @@ def download_part(part: Path, out_dir: Path, settings: DownloadSettings) -> dict
             f"img2dataset exited with code {runner.exitcode} on {part} (see the log): "
             f"rerun the download; finished shards in {partial} are reused"
         )
-    expected = math.ceil(rows / per_shard)
-    done = sorted(partial.glob("*_stats.json"))
-    if len(done) != expected:
-        raise DownloadError(
-            f"img2dataset finished {len(done)} of {expected} shards of {part} (see the log): "
-            "rerun the download; finished shards in "
-            f"{partial} are reused"
-        )
-    shutil.rmtree(partial / "_tmp", ignore_errors=True)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(partial, out_dir)
-    stats: Counter[str] = Counter()
-    for path in done:
-        record = json.loads((out_dir / path.name).read_text())
-        stats["count"] += record["count"]
-        stats["successes"] += record["successes"]
-    return {"part": part.name, "rows": rows, **stats}
 
 
 @contextlib.contextmanager
@@ -294,15 +372,16 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _run_img2dataset(options: dict[str, Any], settings: DownloadSettings) -> None:
-    """img2dataset in a process of its own, without torch and wandb (compat.for_img2dataset).
+def _run_img2dataset(options: dict[str, Any], settings: DownloadSettings, fetch: Fetch) -> None:
+    """img2dataset in a process of its own, without torch and wandb (compat.for_img2dataset),
+    fetching with ``fetch``.
 
     Its own process, so the caller's process (a test, a notebook) keeps torch and wandb.
     """
     for_img2dataset()
     import img2dataset
 
-    with spark_session(settings):
+    with spark_session(settings), img2dataset_fetch(fetch):
         img2dataset.download(**options)
 
 
@@ -349,46 +428,3 @@ def read_part_results(part_dir: Path) -> dict[int, RowResult]:
                 original_height=row["original_height"],
             )
     return results
-
-
-_HTTP = re.compile(r"HTTP Error (\d{3})")
-_REASONS: list[tuple[str, tuple[str, ...]]] = [
-    ("too_many_redirects", ("redirect error that would lead to an infinite loop",)),
-    ("x_robots_tag_opt_out", ("X-Robots-Tag",)),
-    ("decompression_bomb", ("CV_IO_MAX_IMAGE_PIXELS", "image area too large")),
-    ("image_too_small", ("image too small",)),
-    ("aspect_ratio", ("aspect ratio too large",)),
-    ("decode_error", ("Image decoding error", "imdecode", "buf.empty()")),
-    ("timeout", ("timed out", "timeout")),
-    ("file_url_refused", ("unknown url type",)),
-    # A file: URL (datasets with allow_file_urls) naming a file that is not there.
-    ("file_not_found", ("No such file or directory",)),
-    (
-        "connection_error",
-        (
-            "Connection reset",
-            "Connection refused",
-            "Remote end closed connection",
-            "IncompleteRead",
-            "urlopen error",
-            "Connection aborted",
-            "BadStatusLine",
-        ),
-    ),
-]
-
-
-def failure_reason(message: str | None) -> str:
-    """A small, stable reason name for img2dataset's free-text ``error_message``."""
-    text = message or ""
-    for reason, needles in _REASONS:
-        if any(n.lower() in text.lower() for n in needles):
-            return reason
-    match = _HTTP.search(text)
-    if match:
-        code = int(match.group(1))
-        if code == 404:
-            return "http_404"
-        return "http_5xx" if code >= 500 else f"http_{code}"
-    short = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40]
-    return f"other:{short or 'unknown'}"

@@ -161,6 +161,7 @@ def finalize(
             f"download plan holds {plan['input_rows']}: rerun the pipeline to refresh them"
         )
     settings = _part_settings(ds_dir, plan, image_size)
+    rounds = _rounds(ds_dir, plan)
     refused = pq.read_table(plan_dir / "refused.parquet")
     planned = np.concatenate(
         [_part_rows(ds_dir, part).column("row_id").to_numpy() for part in plan["parts"]]
@@ -212,7 +213,7 @@ def finalize(
         manifest = _write_split_manifest(build, split, counts, image_size, provenance)
     write_json(
         ds_dir / SPLIT_DIRS[TRAIN] / BUILD_RECORD,
-        _build_record(started, plan, manifest["counts"]["written"])
+        _build_record(started, plan, manifest["counts"]["written"], rounds)
         | {
             "hash_seconds": round(hashing, 3),
             "hashed_images": int(images.keys.size),
@@ -355,12 +356,12 @@ def _hash_part(
 ) -> tuple[np.ndarray, ...]:
     """``(row_id, part, phash, sha64)`` of the images of slice ``slice_index`` of
     ``slices`` (contiguous runs of rows, so of the tars) of one downloaded part."""
-    from dalle_data.pipeline.download import read_part_results
+    from dalle_data.pipeline.retry import read_results
 
     ids: list[int] = []
     phashes: list[int] = []
     shas: list[int] = []
-    results = sorted(read_part_results(part_dir).items())
+    results = sorted(read_results(part_dir).items())
     mine = results[
         slice_index * len(results) // slices : (slice_index + 1) * len(results) // slices
     ]
@@ -416,13 +417,13 @@ def _write_examples(build: _Build, split: str) -> None:
 
 
 def _downloaded_image(build: _Build, row_id: int) -> bytes | None:
-    from dalle_data.pipeline.download import read_part_results
+    from dalle_data.pipeline.retry import read_results
 
     position = int(np.searchsorted(build.images.keys, row_id))
     part = build.plan["parts"][int(build.images.part[position])]
     part_dir = build.ds_dir / "downloaded" / part["name"]
     with _TarIndex(part_dir) as images:
-        return _image(images, read_part_results(part_dir).get(row_id))
+        return _image(images, read_results(part_dir).get(row_id))
 
 
 def _matched_image(build: _Build, drop: dedup.Drop) -> bytes | None:
@@ -464,7 +465,7 @@ def _inputs_only(record: dict[str, Any]) -> dict[str, Any]:
 
 def _part_settings(ds_dir: Path, plan: dict[str, Any], image_size: int) -> dict[str, Any]:
     """The output-affecting download settings, which every part must share."""
-    from dalle_data.pipeline.download import PARAMS, DownloadError
+    from dalle_data.pipeline.download import INPUT_ORDER, PARAMS, DownloadError
 
     seen: dict[str, Any] | None = None
     for part in plan["parts"]:
@@ -475,7 +476,9 @@ def _part_settings(ds_dir: Path, plan: dict[str, Any], image_size: int) -> dict[
             )
         params = json.loads(path.read_text())
         settings = {
-            k: v for k, v in params.items() if k not in ("part", "rows", "samples_per_shard")
+            k: v
+            for k, v in params.items()
+            if k not in ("part", "rows", "samples_per_shard", INPUT_ORDER)
         }
         if seen is not None and settings != seen:
             raise DownloadError(
@@ -505,13 +508,13 @@ def _samples(
     Failures and duplicates are counted and logged to ``failures``; each written sample's
     key, shard, hashes, caption length and original size go to ``index``.
     """
-    from dalle_data.pipeline.download import read_part_results
+    from dalle_data.pipeline.retry import read_results
 
     prefix = build.shard_prefix(split)
     written = 0
     for part in build.plan["parts"]:
         part_dir = build.ds_dir / "downloaded" / part["name"]
-        results = read_part_results(part_dir)
+        results = read_results(part_dir)
         rows = _part_rows(build.ds_dir, part)
         lost: list[dict[str, Any]] = []
         with _TarIndex(part_dir) as images:
@@ -563,7 +566,9 @@ def _samples(
                 )
                 written += len(good)
                 for (row, result, jpg), ids in zip(good, tokens, strict=True):
-                    meta = {
+                    # A table source's kept columns; the standard keys win a name clash.
+                    meta = json.loads(row["extra"]) if row.get("extra") else {}
+                    meta |= {
                         "caption": row["caption"],
                         "license": row["license"],
                         "original_height": result.original_height,
@@ -649,8 +654,25 @@ class _TarIndex:
         return handle.read(entry[1])
 
 
-def _build_record(started: float, plan: dict[str, Any], written: int) -> dict[str, Any]:
-    """Run facts (time, host, versions) kept out of the manifest so it stays reproducible."""
+def _rounds(ds_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """The retry rounds of every part, from the records the download stage wrote."""
+    from dalle_data.pipeline.download import DownloadError
+    from dalle_data.pipeline.retry import record_path, summarize
+
+    records = []
+    for part in plan["parts"]:
+        path = record_path(ds_dir / "downloaded" / part["name"])
+        if not path.is_file():
+            raise DownloadError(f"{path} does not exist: run the download stage for its part")
+        records.append(json.loads(path.read_text(encoding="utf-8")))
+    return summarize(records)
+
+
+def _build_record(
+    started: float, plan: dict[str, Any], written: int, rounds: dict[str, Any]
+) -> dict[str, Any]:
+    """Run facts (time, host, versions, retry rounds) kept out of the manifest so it stays
+    reproducible."""
     import platform
     from importlib.metadata import version
 
@@ -664,4 +686,5 @@ def _build_record(started: float, plan: dict[str, Any], written: int) -> dict[st
         "versions": {p: version(p) for p in ("img2dataset", "numpy", "pyarrow", "dalle-pytorch")},
         "rows_per_part": plan["rows_per_part"],
         "parts": len(plan["parts"]),
+        "retry_rounds": rounds,
     }

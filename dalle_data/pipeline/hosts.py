@@ -1,0 +1,160 @@
+"""What each image request does for the host it goes to.
+
+:class:`Fetch` replaces img2dataset's ``download_image`` in its worker processes (through
+``compat.img2dataset_fetch``): it sends a User-Agent that names the crawler and a contact,
+spaces the requests to each host by ``download.max_requests_per_second_per_host`` across
+every thread and process of the download job, and records why a URL failed, with the
+server's ``Retry-After``, in the message img2dataset stores (pipeline/failures.py reads it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import http.client
+import io
+import os
+import re
+import socket
+import ssl
+import struct
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from dalle_data.pipeline.failures import failure_reason, http_reason, tagged
+
+
+def user_agent(token: str, contact: str | None) -> str:
+    """``<token>/<version> (<contact>) img2dataset/<version> Python-urllib/<version>``.
+
+    The shape Wikimedia's User-Agent policy asks for: who is crawling, how to reach them,
+    and with what library.
+    """
+    from dalle_data import __version__
+
+    who = f"{token}/{__version__}" + (f" ({contact})" if contact else "")
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return f"{who} img2dataset/{version('img2dataset')} Python-urllib/{python}"
+
+
+def host_of(url: str) -> str | None:
+    """The host a politeness limit applies to (None for file: and other local URLs)."""
+    parts = urlsplit(url)
+    return parts.hostname if parts.scheme in ("http", "https") and parts.hostname else None
+
+
+class HostSchedule:
+    """Spaces the requests to each host at least ``1 / rate`` seconds apart.
+
+    One small file per host under ``folder`` holds the next free start time; ``flock``
+    (per open file, so threads exclude each other as processes do) makes taking a slot
+    atomic. A request to one host never waits for another host's slots.
+    """
+
+    def __init__(self, folder: str | Path, rate: float) -> None:
+        self.folder = Path(folder)
+        self.interval = 1.0 / rate
+
+    def reserve(self, host: str) -> float:
+        """Take the next start time for a request to ``host`` (``time.time()`` scale)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / re.sub(r"[^a-z0-9.:-]", "_", host), os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            raw = os.pread(fd, 8, 0)
+            start = max(time.time(), struct.unpack("<d", raw)[0] if len(raw) == 8 else 0.0)
+            os.pwrite(fd, struct.pack("<d", start + self.interval), 0)
+        finally:
+            os.close(fd)
+        return start
+
+    def wait(self, host: str) -> None:
+        """Block until a request to ``host`` may start."""
+        time.sleep(max(0.0, self.reserve(host) - time.time()))
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """img2dataset's ``download_image(row, timeout, user_agent_token, disallowed)``, polite.
+
+    Picklable (img2dataset sends it to its worker processes). Returns img2dataset's
+    ``(key, BytesIO | None, error_message | None)``.
+    """
+
+    user_agent: str
+    max_requests_per_second: float | None = None
+    hosts_dir: str | None = None
+
+    def __call__(
+        self,
+        row: tuple[int, str],
+        timeout: float,
+        user_agent_token: str | None,
+        disallowed_header_directives: set[str] | None,
+    ) -> tuple[int, io.BytesIO | None, str | None]:
+        from img2dataset.downloader import is_disallowed
+
+        key, url = row
+        host = host_of(url)
+        if host and self.max_requests_per_second and self.hosts_dir:
+            HostSchedule(self.hosts_dir, self.max_requests_per_second).wait(host)
+        request = urllib.request.Request(url, headers={"User-Agent": self.user_agent})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as answer:
+                if disallowed_header_directives and is_disallowed(
+                    answer.headers, user_agent_token, disallowed_header_directives
+                ):
+                    message = "Use of image disallowed by X-Robots-Tag directive"
+                    return key, None, tagged("x_robots_tag_opt_out", message)
+                return key, io.BytesIO(answer.read()), None
+        except Exception as err:  # noqa: BLE001 (every failure becomes a counted reason)
+            after = (
+                err.headers.get("Retry-After") if isinstance(err, urllib.error.HTTPError) else None
+            )
+            return key, None, tagged(reason_of(err), str(err), after)
+
+
+def reason_of(err: BaseException) -> str:
+    """The failure reason for an exception urllib raised while fetching an image."""
+    if isinstance(err, urllib.error.HTTPError):
+        # urllib gives up on a redirect loop with the 30x it was answered last.
+        return "too_many_redirects" if 300 <= err.code < 400 else http_reason(err.code)
+    cause: Any = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(cause, TimeoutError):
+        return "timeout"
+    if isinstance(cause, socket.gaierror):
+        gone = (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+        return "dns_not_found" if cause.errno in gone else "dns"
+    if isinstance(cause, FileNotFoundError):
+        return "file_not_found"
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return "tls_certificate"
+    if isinstance(cause, ConnectionError | http.client.HTTPException | ssl.SSLError):
+        return "connection"
+    return failure_reason(str(err))
+
+
+def host_order(urls: list[str | None], chunks: int) -> list[int]:
+    """Row positions in the order img2dataset should take them when hosts are rate-limited.
+
+    A host's k-th row cannot start before k intervals have passed, so rows sorted by
+    (k, position) come as the limit lets each host take them: the rows of a host with many
+    of them move to the back instead of holding every thread while they wait their turn.
+    img2dataset cuts its input into ``chunks`` consecutive pieces run side by side, so the
+    sorted rows are dealt to the pieces in turn.
+    """
+    seen: defaultdict[str, int] = defaultdict(int)
+    due = []
+    for position, url in enumerate(urls):
+        host = host_of(url or "") or f"#{position}"
+        due.append((seen[host], position))
+        seen[host] += 1
+    order = [position for _, position in sorted(due)]
+    return [p for chunk in range(chunks) for p in order[chunk::chunks]]
