@@ -474,6 +474,14 @@ CacheDir = Annotated[
     Path | None,
     typer.Option(help="local cache for remote shards (default ~/.cache/dalle-data/shards)"),
 ]
+MirrorDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="where a bucket ROOT is mirrored (default ~/.cache/dalle-data/shards/collections/"
+        "<hash of ROOT>): reruns download only changed objects",
+    ),
+]
 CacheSize = Annotated[
     str, typer.Option(help="most bytes the cache keeps, e.g. 50GB (least recently used go)")
 ]
@@ -734,14 +742,19 @@ def evaluate_colours_cmd(
 
 @app.command("collection")
 def collection_cmd(
-    root: Annotated[str, typer.Argument(help="the collection folder (family folders inside)")],
+    root: Annotated[
+        str,
+        typer.Argument(
+            help="the collection folder (family folders inside), or its s3://, gs://, hf:// URL"
+        ),
+    ],
+    cache_dir: MirrorDir = None,
 ) -> None:
     """Index a checkpoint collection: index.json, README.md front page, lineage.png, flags."""
     from dalle_data import locations
     from dalle_data.collection.index import FRONT_PAGE, write_index
 
-    folder = locations.local_only(root, "collection ROOT")
-    index = write_index(folder)
+    index = write_index(root, cache_dir=cache_dir)
     entries = index["checkpoints"]
     for entry in entries:
         for problem in entry["problems"]:
@@ -750,7 +763,7 @@ def collection_cmd(
         typer.echo(f"flag: {problem}")
     typer.echo(
         f"{len(entries)} checkpoints, {len(index['eval_sets'])} eval sets; "
-        f"front page: {folder / FRONT_PAGE}"
+        f"front page: {locations.join(root, FRONT_PAGE)}"
     )
 
 
@@ -759,22 +772,30 @@ def publish_cmd(
     checkpoint_dir: Annotated[
         Path, typer.Argument(help="a train-extend output folder, <output_dir>/<family>/<name>")
     ],
-    root: Annotated[str, typer.Argument(help="the collection folder")],
+    root: Annotated[
+        str, typer.Argument(help="the collection folder, or its s3://, gs://, hf:// URL")
+    ],
+    cache_dir: MirrorDir = None,
 ) -> None:
     """Copy a checkpoint folder into ROOT/<family>/<name>/ (verified, atomic) and re-index."""
     from dalle_data import locations
     from dalle_data.collection.index import FRONT_PAGE
     from dalle_data.collection.publish import publish
 
-    folder = locations.local_only(root, "publish ROOT")
-    result = publish(checkpoint_dir, folder)
+    result = publish(checkpoint_dir, root, cache_dir=cache_dir)
     verb = "published" if result["published"] else "already published (same sha256)"
-    typer.echo(f"{verb}: {result['path']}; front page: {folder / FRONT_PAGE}")
+    typer.echo(f"{verb}: {result['path']}; front page: {locations.join(root, FRONT_PAGE)}")
 
 
 @app.command("serve")
 def serve_cmd(
-    root: Annotated[str, typer.Argument(help="the collection folder (its index.json)")],
+    root: Annotated[
+        str,
+        typer.Argument(
+            help="the collection folder (its index.json), or its s3://, gs://, hf:// or "
+            "http(s):// URL"
+        ),
+    ],
     host: Annotated[
         str, typer.Option(help="address to listen on; 0.0.0.0 opens it to the network")
     ] = "127.0.0.1",
@@ -791,11 +812,14 @@ def serve_cmd(
     ] = 16,
     vqgan_model_path: VqganModel = None,
     vqgan_config_path: VqganConfig = None,
+    cache_dir: MirrorDir = None,
 ) -> None:
     """Serve a collection: dalle-service's HTTP API (/, /dalle-list, /dalle) and a page at /ui.
 
     Point dalle-service's front-end at it with
     https://rom1504.github.io/dalle-service/?back=http://127.0.0.1:8000
+    A bucket or http(s) ROOT is served through a local copy in --cache-dir: each checkpoint
+    is fetched when first asked for and checked against index.json's sha256.
     """
     from dalle_data import locations
     from dalle_data.serve.app import Settings, serve
@@ -803,7 +827,7 @@ def serve_cmd(
 
     serve(
         Settings(
-            root=locations.local_only(root, "serve ROOT"),
+            root=locations.normalize(root),
             host=host,
             port=port,
             max_images=max_images,
@@ -811,6 +835,7 @@ def serve_cmd(
             max_loaded=max_loaded,
             queue=queue,
             vqgan=VqganFiles(vqgan_model_path, vqgan_config_path),
+            cache_dir=cache_dir,
         )
     )
 
