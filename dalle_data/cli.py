@@ -10,7 +10,7 @@ import typer
 from typer import _click
 from typer.core import TyperGroup
 
-from dalle_data.config import schema_default
+from dalle_data.config import dataset_default, schema_default
 from dalle_data.errors import DalleDataError, DalleDataWarning
 from dalle_data.model.shard_cache import DEFAULT_SIZE
 from dalle_data.settings import DOWNLOAD_OPTIONS
@@ -62,6 +62,9 @@ _DOWNLOAD = {
 _IMAGE_SIZE = schema_default("image_size")
 ImageSize = Annotated[int, typer.Option(help="shorter side of stored images, px")]
 _SHARD_SIZE = schema_default("shard_size")
+_EVAL_FRACTION = dataset_default("eval_fraction")
+_EVAL_MAX_ROWS = dataset_default("eval_max_rows")
+_MAX_DISTANCE = schema_default("dedup", "max_distance")
 
 
 def _key_value(item: str) -> tuple[str, str]:
@@ -354,18 +357,41 @@ def finalize_cmd(
     tokenizer: Annotated[str, typer.Option(help="simple, hug:<json> or yttm:<model>")],
     image_size: ImageSize = _IMAGE_SIZE,
     shard_size: Annotated[int, typer.Option(help="samples per shard")] = _SHARD_SIZE,
+    eval_fraction: Annotated[
+        float, typer.Option(help="fraction of the filtered rows held out as the eval split")
+    ] = _EVAL_FRACTION,
+    eval_max_rows: Annotated[int, typer.Option(help="at most this many eval rows (0: no cap)")] = (
+        _EVAL_MAX_ROWS
+    ),
+    max_distance: Annotated[
+        int, typer.Option(help="pHash Hamming distance at or below which images are duplicates")
+    ] = _MAX_DISTANCE,
+    near_duplicates: Annotated[
+        bool, typer.Option(help="compare perceptual hashes; off: exact copies (sha256) only")
+    ] = True,
+    dedup_against: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=DATASET_DIR of a built dataset whose images to drop (repeat)"),
+    ] = None,
     card: Annotated[bool, typer.Option(help="also write the dataset card README.md")] = True,
 ) -> None:
-    """Downloaded parts -> shards/<dataset>-NNNNN.tar, manifest.json, failures.parquet, card."""
+    """Downloaded parts -> shards/ and the held-out eval/ split (each with manifest.json,
+    index.parquet, failures.parquet), duplicates dropped; then the card."""
     from dalle_data.pipeline.dataset_card import write_card
-    from dalle_data.pipeline.finalize import finalize
+    from dalle_data.pipeline.finalize import DedupOptions, finalize
+    from dalle_data.pipeline.holdout import Holdout
 
+    against = tuple((name, Path(folder)) for name, folder in map(_key_value, dedup_against or ()))
     manifest = finalize(
         dataset_dir,
         dataset=dataset,
         tokenizer_spec=tokenizer,
         image_size=image_size,
         shard_size=shard_size,
+        holdout=Holdout(fraction=eval_fraction, max_rows=eval_max_rows or None),
+        dedup_options=DedupOptions(
+            max_distance=max_distance if near_duplicates else None, against=against
+        ),
     )
     if card:
         write_card(dataset_dir / "shards")

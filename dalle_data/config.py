@@ -55,7 +55,34 @@ def validate(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[st
     _fill_defaults(config, schema, schema)
     _check_locations(config)
     _expand_output_dir(config)
+    _check_dedup_against(config["datasets"])
     return config
+
+
+def _check_dedup_against(datasets: dict[str, Any]) -> None:
+    """``dedup_against`` names configured datasets and never loops back (Snakemake builds
+    the named datasets first, so a loop could never start)."""
+    for name, settings in datasets.items():
+        for other in settings.get("dedup_against", []):
+            if other not in datasets or other == name:
+                raise ConfigError(
+                    f"config key datasets.{name}.dedup_against: {other!r} is "
+                    + ("the dataset itself" if other == name else "not a configured dataset")
+                    + f": name other datasets ({', '.join(sorted(set(datasets) - {name}))})"
+                )
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in path:
+            loop = " -> ".join([*path[path.index(name) :], name])
+            raise ConfigError(
+                f"config key dedup_against loops ({loop}): each dataset must be built before "
+                "the ones that dedup against it; remove one of these entries"
+            )
+        for other in datasets[name].get("dedup_against", []):
+            visit(other, (*path, name))
+
+    for name in datasets:
+        visit(name, ())
 
 
 # The columns a `table` dataset names, one each; then every key only `table` reads.
@@ -181,6 +208,13 @@ def schema_default(*keys: str) -> Any:
     for key in keys:
         node = node["properties"][key]
     return copy.deepcopy(node["default"])
+
+
+def dataset_default(key: str) -> Any:
+    """The schema's default for a key every dataset may set (``eval_fraction``, ...)."""
+    return copy.deepcopy(
+        _read_schema(SCHEMA_PATH)["$defs"]["dataset"]["properties"][key]["default"]
+    )
 
 
 OUTPUT_DIR = "{output_dir}"

@@ -48,6 +48,7 @@ class DatasetSettings:
     config: dict[str, Any]
     download: dict[str, Any]
     filters: dict[str, Any]
+    dedup: dict[str, Any]
     image_size: int
     tokenizer: str
     shard_size: int
@@ -124,7 +125,29 @@ class DatasetSettings:
     def finalize_args(self) -> str:
         args = ["--dataset", self.name, "--tokenizer", self.tokenizer]
         args += ["--image-size", str(self.image_size), "--shard-size", str(self.shard_size)]
+        args += ["--eval-fraction", str(self.config["eval_fraction"])]
+        args += ["--eval-max-rows", str(self.config["eval_max_rows"] or 0)]
+        args += ["--max-distance", str(self.dedup["max_distance"])]
+        args.append(
+            "--near-duplicates" if self.config["near_duplicates"] else "--no-near-duplicates"
+        )
+        for other in self.config["dedup_against"]:
+            args += ["--dedup-against", f"{other}={self._sibling(other)}"]
         return shlex.join(args)
+
+    @property
+    def dedup_against_indexes(self) -> list[str]:
+        """index.parquet of both shard sets of each ``dedup_against`` dataset: finalize's
+        inputs, so those datasets are built first."""
+        return [
+            f"{self._sibling(other)}/{folder}/index.parquet"
+            for other in self.config["dedup_against"]
+            for folder in ("shards", "eval")
+        ]
+
+    def _sibling(self, dataset: str) -> str:
+        """The folder of another dataset of the same output_dir."""
+        return f"{os.path.dirname(self.dir)}/{dataset}"
 
     def _file_urls(self) -> str:
         return "--allow-file-urls" if self.config["allow_file_urls"] else "--no-allow-file-urls"
@@ -147,6 +170,7 @@ def resolve(config: dict[str, Any]) -> dict[str, DatasetSettings]:
             config=ds,
             download=config["download"],
             filters=config["filters"],
+            dedup=config["dedup"],
             image_size=ds.get("image_size") or config["image_size"],
             tokenizer=tokenizer,
             shard_size=config["shard_size"],

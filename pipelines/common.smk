@@ -65,8 +65,20 @@ def built(dataset):
     """A dataset target's end points: verified shards and their card (in the bucket, for a
     bucket output_dir)."""
     if BUCKET:
-        return [storage(bucket_shards(dataset))]
-    return [verified(dataset), f"{ds_dir(dataset)}/shards/README.md"]
+        return [storage(bucket_shards(dataset)), storage(f"{BUCKET}/{dataset}/eval")]
+    return [
+        verified(dataset),
+        f"{ds_dir(dataset)}/eval/verify.json",
+        f"{ds_dir(dataset)}/shards/README.md",
+    ]
+
+
+def card_of(wildcards):
+    """The card a shard set's upload waits for: the training shards' (it covers the eval
+    split too); none for the eval split itself."""
+    if wildcards.shardset != "shards":
+        return []
+    return f"{ds_dir(wildcards.dataset)}/shards/README.md"
 
 
 def bucket_shards(dataset):
@@ -106,6 +118,12 @@ def downloaded_parts(wildcards):
     with open(plan) as fh:
         parts = json.load(fh)["parts"]
     return [f"{OUT}/{wildcards.dataset}/downloaded/{p['name']}.json" for p in parts]
+
+
+def dedup_against_indexes(wildcards):
+    """index.parquet of both shard sets of every dataset this one dedups against, so
+    Snakemake builds those datasets first."""
+    return settings(wildcards.dataset).dedup_against_indexes
 
 
 # Training (pipelines/train.smk).

@@ -169,9 +169,12 @@ def build(
     tokenizer: str = "simple",
     distributor: str = "multiprocessing",
     processes: int = 1,
+    holdout: Any = None,
+    dedup_options: Any = None,
     **download: Any,
 ) -> dict:
-    """plan-download -> download per part -> finalize, through the library functions;
+    """plan-download -> download per part -> finalize (with ``holdout`` and
+    ``dedup_options``), through the library functions;
     ``download`` overrides DownloadSettings (retry rounds, rate limit ...)."""
     plan = plan_download(
         ds_dir / "metadata" / "filtered.parquet",
@@ -199,6 +202,8 @@ def build(
         tokenizer_spec=tokenizer,
         image_size=IMAGE_SIZE,
         shard_size=shard_size,
+        holdout=holdout,
+        dedup_options=dedup_options,
     )
 
 
@@ -238,7 +243,8 @@ def test_every_row_is_written_or_counted(hostile: tuple[LocalServer, list[dict],
     expected["file_url_refused"] = 1
     assert manifest["counts"] == {
         "input_rows": len(rows) + 3,
-        "dropped": {"empty_caption": 3},
+        # Finalize's own reasons are listed when nothing fell under them.
+        "dropped": {"duplicate_image": 0, "empty_caption": 3, "eval_duplicate": 0, "eval_split": 0},
         "failed": dict(sorted(expected.items())),
         "written": len(GOOD),
     }

@@ -41,7 +41,23 @@ def test_a_dataset_overrides_image_size_and_tokenizer() -> None:
     assert shlex.split(sample.finalize_args()) == [
         "--dataset", "sample", "--tokenizer", "hug:data/sample/tokenizer/tokenizer.json",
         "--image-size", "64", "--shard-size", "1000",
+        "--eval-fraction", "0.05", "--eval-max-rows", "100", "--max-distance", "3",
+        "--no-near-duplicates",
     ]  # fmt: skip
+
+
+def test_dedup_against_names_the_other_datasets_folders() -> None:
+    wit = resolve(_config(wit={"format": "wit", "source": "w.tsv", "dedup_against": ["cc12m"]}))
+    args = shlex.split(wit["wit"].finalize_args())
+    assert args[args.index("--dedup-against") + 1] == "cc12m=data/cc12m"
+    assert "--near-duplicates" in args
+    uncapped = {"format": "wit", "source": "w.tsv", "eval_max_rows": None}
+    args = shlex.split(resolve(_config(wit=uncapped))["wit"].finalize_args())
+    assert args[args.index("--eval-max-rows") + 1] == "0"
+    assert wit["wit"].dedup_against_indexes == [
+        "data/cc12m/shards/index.parquet",
+        "data/cc12m/eval/index.parquet",
+    ]
 
 
 def test_a_user_tokenizer_outside_output_dir_is_not_trained() -> None:

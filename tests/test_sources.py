@@ -455,13 +455,17 @@ def test_make_sample_is_deterministic_and_captions_name_the_picture(
     monkeypatch.chdir(tmp_path)
     first = sample.make_sample(Path("a"), count=40)
     sample.make_sample(Path("b"), count=40)
-    assert first == {"rows": 43, "images": 40, "bad_entries": 3}
+    assert first == {"rows": 44, "images": 40, "bad_entries": 3, "copies": 1}
     for i in range(40):
         assert (tmp_path / f"a/images/{i:05d}.jpg").read_bytes() == (
             tmp_path / f"b/images/{i:05d}.jpg"
         ).read_bytes()
     lines = (tmp_path / "a/sample.tsv").read_text().splitlines()
-    assert len(lines) == 43
+    assert len(lines) == 44
+    assert lines[40].endswith(lines[1].split("\t")[1])
+    assert (tmp_path / "a/images/copy-00001.jpg").read_bytes() == (
+        tmp_path / "a/images/00001.jpg"
+    ).read_bytes()
     urls = [line.split("\t")[0] for line in lines]
     assert urls[0] == "file:a/images/00000.jpg" and urls[-1] == urls[0]  # the duplicate
     assert urls[-3] == "file:a/images/missing.jpg"
