@@ -87,11 +87,13 @@ def bucket_shards(dataset):
 
 
 def training_shards(dataset):
-    """train-extend's input: the verified local shards, or the bucket's shards folder, which
-    Snakemake does not download (retrieve=False): train-extend streams it through its cache."""
+    """train-extend's inputs: the verified local shards and eval split (train-extend scores
+    parent and child on it), or their bucket folders, which Snakemake does not download
+    (retrieve=False): train-extend streams them through its cache."""
     if BUCKET:
-        return storage(bucket_shards(dataset), retrieve=False)
-    return verified(dataset)
+        folders = (bucket_shards(dataset), f"{BUCKET}/{dataset}/eval")
+        return [storage(folder, retrieve=False) for folder in folders]
+    return [verified(dataset), f"{ds_dir(dataset)}/eval/verify.json"]
 
 
 def training_shards_location(dataset):
