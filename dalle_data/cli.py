@@ -258,7 +258,7 @@ def plan_download_cmd(
     ] = False,
 ) -> None:
     """Split filtered rows into independent download parts (parts/*.parquet + plan.json)."""
-    from dalle_data.pipeline.download import plan_download
+    from dalle_data.pipeline.download_plan import plan_download
 
     plan = plan_download(
         filtered, out, rows_per_part=rows_per_part, allow_file_urls=allow_file_urls

@@ -20,12 +20,8 @@ from PIL import Image
 
 from dalle_data.formats.manifest import read_manifest, verify
 from dalle_data.formats.webdataset import read_shard, row_key
-from dalle_data.pipeline.download import (
-    GLIBC_TUNABLES,
-    DownloadSettings,
-    plan_download,
-    read_plan,
-)
+from dalle_data.pipeline.download import GLIBC_TUNABLES, DownloadSettings
+from dalle_data.pipeline.download_plan import plan_download, read_plan
 from dalle_data.pipeline.failures import failure_reason
 from dalle_data.pipeline.finalize import finalize
 from dalle_data.pipeline.retry import download_with_retries

@@ -141,7 +141,7 @@ def finalize(
     manifest.
     """
     from dalle_data.formats import tokenizers
-    from dalle_data.pipeline.download import read_plan
+    from dalle_data.pipeline.download_plan import read_plan
 
     started = time.time()
     holdout = holdout or Holdout()
@@ -465,7 +465,8 @@ def _inputs_only(record: dict[str, Any]) -> dict[str, Any]:
 
 def _part_settings(ds_dir: Path, plan: dict[str, Any], image_size: int) -> dict[str, Any]:
     """The output-affecting download settings, which every part must share."""
-    from dalle_data.pipeline.download import INPUT_ORDER, PARAMS, DownloadError
+    from dalle_data.pipeline.download import INPUT_ORDER, PARAMS
+    from dalle_data.pipeline.download_plan import DownloadError
 
     seen: dict[str, Any] | None = None
     for part in plan["parts"]:
@@ -656,7 +657,7 @@ class _TarIndex:
 
 def _rounds(ds_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
     """The retry rounds of every part, from the records the download stage wrote."""
-    from dalle_data.pipeline.download import DownloadError
+    from dalle_data.pipeline.download_plan import DownloadError
     from dalle_data.pipeline.retry import record_path, summarize
 
     records = []
