@@ -96,9 +96,10 @@ def training_shards(dataset):
     return [verified(dataset), f"{ds_dir(dataset)}/eval/verify.json"]
 
 
-def training_shards_location(dataset):
-    """What train-extend's --shards gets: the local shards folder or the bucket URL."""
-    return bucket_shards(dataset) if BUCKET else f"{ds_dir(dataset)}/shards"
+def training_shards_location(wildcards, input):
+    """What train-extend's --shards gets: the folder of the verified local shards (the
+    first input), or the bucket URL that train-extend streams from."""
+    return bucket_shards(TRAIN["dataset"]) if BUCKET else os.path.dirname(input.shards[0])
 
 
 def tokenizer_input(dataset):
