@@ -25,21 +25,12 @@ rule all:
     default_target: True
 
 
-rule cc12m_shards:
-    input:
-        built("cc12m"),
+# `<name>_shards` for every configured dataset (cc12m_shards, wit_shards, yfcc_shards,
+# sample_shards, and any dataset a --configfile or --config adds): no rule file to edit.
+for _dataset in config["datasets"]:
 
-
-rule wit_shards:
-    input:
-        built("wit"),
-
-
-rule yfcc_shards:
-    input:
-        built("yfcc"),
-
-
-rule sample_shards:
-    input:
-        built("sample"),
+    rule:
+        name:
+            f"{_dataset}_shards"
+        input:
+            built(_dataset),

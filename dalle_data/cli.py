@@ -10,7 +10,7 @@ import typer
 from typer import _click
 from typer.core import TyperGroup
 
-from dalle_data.config import schema_default
+from dalle_data.config import dataset_default, schema_default
 from dalle_data.errors import DalleDataError, DalleDataWarning
 from dalle_data.model.shard_cache import DEFAULT_SIZE
 from dalle_data.settings import DOWNLOAD_OPTIONS
@@ -62,6 +62,9 @@ _DOWNLOAD = {
 _IMAGE_SIZE = schema_default("image_size")
 ImageSize = Annotated[int, typer.Option(help="shorter side of stored images, px")]
 _SHARD_SIZE = schema_default("shard_size")
+_EVAL_FRACTION = dataset_default("eval_fraction")
+_EVAL_MAX_ROWS = dataset_default("eval_max_rows")
+_MAX_DISTANCE = schema_default("dedup", "max_distance")
 
 
 def _key_value(item: str) -> tuple[str, str]:
@@ -69,6 +72,17 @@ def _key_value(item: str) -> tuple[str, str]:
     if not sep or not key:
         fail(f"expected KEY=VALUE, got {item!r}")
     return key, value
+
+
+def _bounds(items: list[str] | None) -> dict[str, float]:
+    bounds = {}
+    for item in items or []:
+        key, value = _key_value(item)
+        try:
+            bounds[key] = float(value)
+        except ValueError:
+            fail(f"expected COLUMN=NUMBER, got {item!r}")
+    return bounds
 
 
 def fail(message: str) -> None:
@@ -95,7 +109,9 @@ def fetch_cmd(
 
 @app.command("normalize")
 def normalize_cmd(
-    format: Annotated[str, typer.Option(help="source format: cc12m, wit, yfcc or yfcc_sqlite")],
+    format: Annotated[
+        str, typer.Option(help="source format: cc12m, wit, yfcc, yfcc_sqlite, table or folder")
+    ],
     raw_dir: Annotated[Path, typer.Option(help="the fetched files: <out>/<ds>/raw")],
     metadata_dir: Annotated[Path, typer.Option(help="output folder: <out>/<ds>/metadata")],
     language: Annotated[
@@ -104,11 +120,53 @@ def normalize_cmd(
     license: Annotated[
         list[str] | None, typer.Option(help="YFCC license names to keep (default: every CC one)")
     ] = None,
+    url_column: Annotated[str, typer.Option(help="table: the image URL column")] = "url",
+    caption_column: Annotated[str, typer.Option(help="table: the caption column")] = "caption",
+    license_column: Annotated[str | None, typer.Option(help="table: a license column")] = None,
+    width_column: Annotated[str | None, typer.Option(help="table: an image width column")] = None,
+    height_column: Annotated[str | None, typer.Option(help="table: an image height column")] = None,
+    id_column: Annotated[
+        str | None,
+        typer.Option(help="table: a column of unique whole-number row ids (default: row number)"),
+    ] = None,
+    keep_column: Annotated[
+        list[str] | None, typer.Option(help="table: a column copied into each sample's .json")
+    ] = None,
+    value_column: Annotated[
+        list[str] | None, typer.Option(help="table: a numeric column the filters bound")
+    ] = None,
+    file_type: Annotated[
+        str | None, typer.Option(help="table: csv, tsv, jsonl or parquet (default: by name)")
+    ] = None,
+    header: Annotated[bool, typer.Option(help="table: csv/tsv files start with a header")] = True,
+    column_name: Annotated[
+        list[str] | None, typer.Option(help="table: csv/tsv column names, in order (repeat)")
+    ] = None,
+    caption_lines: Annotated[
+        str, typer.Option(help="folder: `first` caption line, or `each` line a sample")
+    ] = "first",
 ) -> None:
     """Stream a source through its format adapter into normalized.parquet + normalize.json."""
     from dalle_data.pipeline.normalize import normalize
+    from dalle_data.pipeline.sources import Options
 
-    record = normalize(format, raw_dir, metadata_dir, languages=language, licenses=license)
+    options = Options(
+        languages=list(language or ["en"]),
+        licenses=list(license or []),
+        url_column=url_column,
+        caption_column=caption_column,
+        license_column=license_column,
+        width_column=width_column,
+        height_column=height_column,
+        id_column=id_column,
+        keep_columns=list(keep_column or []),
+        value_columns=list(value_column or []),
+        file_type=file_type,
+        header=header,
+        column_names=list(column_name or []),
+        caption_lines=caption_lines,
+    )
+    record = normalize(format, raw_dir, metadata_dir, options)
     typer.echo(
         f"{record['input_rows']} rows in, {record['output_rows']} out, dropped {record['dropped']}"
     )
@@ -132,8 +190,16 @@ def filter_cmd(
         list[str] | None, typer.Option(help="drop captions holding this word (repeat)")
     ] = None,
     workers: Annotated[int, typer.Option(help="caption cleaning processes (0 = all cores)")] = 0,
+    min_value: Annotated[
+        list[str] | None,
+        typer.Option(help="COLUMN=NUMBER: drop rows below it (table value columns; repeat)"),
+    ] = None,
+    max_value: Annotated[
+        list[str] | None,
+        typer.Option(help="COLUMN=NUMBER: drop rows above it (table value columns; repeat)"),
+    ] = None,
 ) -> None:
-    """Subset, URL, caption and duplicate filters: filtered.parquet, dropped.parquet."""
+    """Subset, URL, value, caption and duplicate filters: filtered.parquet, dropped.parquet."""
     from dalle_data.pipeline.filter_stage import FilterOptions, run
 
     options = FilterOptions(
@@ -144,6 +210,8 @@ def filter_cmd(
         max_words=max_words,
         blocklist=tuple(blocklist or ()),
         workers=workers,
+        min_values=_bounds(min_value),
+        max_values=_bounds(max_value),
     )
     record = run(metadata_dir, options)
     typer.echo(
@@ -190,7 +258,7 @@ def plan_download_cmd(
     ] = False,
 ) -> None:
     """Split filtered rows into independent download parts (parts/*.parquet + plan.json)."""
-    from dalle_data.pipeline.download import plan_download
+    from dalle_data.pipeline.download_plan import plan_download
 
     plan = plan_download(
         filtered, out, rows_per_part=rows_per_part, allow_file_urls=allow_file_urls
@@ -289,18 +357,41 @@ def finalize_cmd(
     tokenizer: Annotated[str, typer.Option(help="simple, hug:<json> or yttm:<model>")],
     image_size: ImageSize = _IMAGE_SIZE,
     shard_size: Annotated[int, typer.Option(help="samples per shard")] = _SHARD_SIZE,
+    eval_fraction: Annotated[
+        float, typer.Option(help="fraction of the filtered rows held out as the eval split")
+    ] = _EVAL_FRACTION,
+    eval_max_rows: Annotated[int, typer.Option(help="at most this many eval rows (0: no cap)")] = (
+        _EVAL_MAX_ROWS
+    ),
+    max_distance: Annotated[
+        int, typer.Option(help="pHash Hamming distance at or below which images are duplicates")
+    ] = _MAX_DISTANCE,
+    near_duplicates: Annotated[
+        bool, typer.Option(help="compare perceptual hashes; off: exact copies (sha256) only")
+    ] = True,
+    dedup_against: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=DATASET_DIR of a built dataset whose images to drop (repeat)"),
+    ] = None,
     card: Annotated[bool, typer.Option(help="also write the dataset card README.md")] = True,
 ) -> None:
-    """Downloaded parts -> shards/<dataset>-NNNNN.tar, manifest.json, failures.parquet, card."""
+    """Downloaded parts -> shards/ and the held-out eval/ split (each with manifest.json,
+    index.parquet, failures.parquet), duplicates dropped; then the card."""
     from dalle_data.pipeline.dataset_card import write_card
-    from dalle_data.pipeline.finalize import finalize
+    from dalle_data.pipeline.finalize import DedupOptions, finalize
+    from dalle_data.pipeline.holdout import Holdout
 
+    against = tuple((name, Path(folder)) for name, folder in map(_key_value, dedup_against or ()))
     manifest = finalize(
         dataset_dir,
         dataset=dataset,
         tokenizer_spec=tokenizer,
         image_size=image_size,
         shard_size=shard_size,
+        holdout=Holdout(fraction=eval_fraction, max_rows=eval_max_rows or None),
+        dedup_options=DedupOptions(
+            max_distance=max_distance if near_duplicates else None, against=against
+        ),
     )
     if card:
         write_card(dataset_dir / "shards")
@@ -382,6 +473,14 @@ VqganConfig = Annotated[Path | None, typer.Option(help="VQGAN config .yml beside
 CacheDir = Annotated[
     Path | None,
     typer.Option(help="local cache for remote shards (default ~/.cache/dalle-data/shards)"),
+]
+MirrorDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="where a bucket ROOT is mirrored (default ~/.cache/dalle-data/shards/collections/"
+        "<hash of ROOT>): reruns download only changed objects",
+    ),
 ]
 CacheSize = Annotated[
     str, typer.Option(help="most bytes the cache keeps, e.g. 50GB (least recently used go)")
@@ -643,14 +742,19 @@ def evaluate_colours_cmd(
 
 @app.command("collection")
 def collection_cmd(
-    root: Annotated[str, typer.Argument(help="the collection folder (family folders inside)")],
+    root: Annotated[
+        str,
+        typer.Argument(
+            help="the collection folder (family folders inside), or its s3://, gs://, hf:// URL"
+        ),
+    ],
+    cache_dir: MirrorDir = None,
 ) -> None:
     """Index a checkpoint collection: index.json, README.md front page, lineage.png, flags."""
     from dalle_data import locations
     from dalle_data.collection.index import FRONT_PAGE, write_index
 
-    folder = locations.local_only(root, "collection ROOT")
-    index = write_index(folder)
+    index = write_index(root, cache_dir=cache_dir)
     entries = index["checkpoints"]
     for entry in entries:
         for problem in entry["problems"]:
@@ -659,7 +763,7 @@ def collection_cmd(
         typer.echo(f"flag: {problem}")
     typer.echo(
         f"{len(entries)} checkpoints, {len(index['eval_sets'])} eval sets; "
-        f"front page: {folder / FRONT_PAGE}"
+        f"front page: {locations.join(root, FRONT_PAGE)}"
     )
 
 
@@ -668,22 +772,30 @@ def publish_cmd(
     checkpoint_dir: Annotated[
         Path, typer.Argument(help="a train-extend output folder, <output_dir>/<family>/<name>")
     ],
-    root: Annotated[str, typer.Argument(help="the collection folder")],
+    root: Annotated[
+        str, typer.Argument(help="the collection folder, or its s3://, gs://, hf:// URL")
+    ],
+    cache_dir: MirrorDir = None,
 ) -> None:
     """Copy a checkpoint folder into ROOT/<family>/<name>/ (verified, atomic) and re-index."""
     from dalle_data import locations
     from dalle_data.collection.index import FRONT_PAGE
     from dalle_data.collection.publish import publish
 
-    folder = locations.local_only(root, "publish ROOT")
-    result = publish(checkpoint_dir, folder)
+    result = publish(checkpoint_dir, root, cache_dir=cache_dir)
     verb = "published" if result["published"] else "already published (same sha256)"
-    typer.echo(f"{verb}: {result['path']}; front page: {folder / FRONT_PAGE}")
+    typer.echo(f"{verb}: {result['path']}; front page: {locations.join(root, FRONT_PAGE)}")
 
 
 @app.command("serve")
 def serve_cmd(
-    root: Annotated[str, typer.Argument(help="the collection folder (its index.json)")],
+    root: Annotated[
+        str,
+        typer.Argument(
+            help="the collection folder (its index.json), or its s3://, gs://, hf:// or "
+            "http(s):// URL"
+        ),
+    ],
     host: Annotated[
         str, typer.Option(help="address to listen on; 0.0.0.0 opens it to the network")
     ] = "127.0.0.1",
@@ -700,11 +812,14 @@ def serve_cmd(
     ] = 16,
     vqgan_model_path: VqganModel = None,
     vqgan_config_path: VqganConfig = None,
+    cache_dir: MirrorDir = None,
 ) -> None:
     """Serve a collection: dalle-service's HTTP API (/, /dalle-list, /dalle) and a page at /ui.
 
     Point dalle-service's front-end at it with
     https://rom1504.github.io/dalle-service/?back=http://127.0.0.1:8000
+    A bucket or http(s) ROOT is served through a local copy in --cache-dir: each checkpoint
+    is fetched when first asked for and checked against index.json's sha256.
     """
     from dalle_data import locations
     from dalle_data.serve.app import Settings, serve
@@ -712,7 +827,7 @@ def serve_cmd(
 
     serve(
         Settings(
-            root=locations.local_only(root, "serve ROOT"),
+            root=locations.normalize(root),
             host=host,
             port=port,
             max_images=max_images,
@@ -720,6 +835,7 @@ def serve_cmd(
             max_loaded=max_loaded,
             queue=queue,
             vqgan=VqganFiles(vqgan_model_path, vqgan_config_path),
+            cache_dir=cache_dir,
         )
     )
 

@@ -38,6 +38,7 @@ def validate(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[st
     import jsonschema  # only where a config is validated: `dalle-data --help` stays quick
 
     schema = _schema(schema_path)
+    coerce(config, schema, schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -49,10 +50,122 @@ def validate(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[st
             "invalid configuration (see configs/config.yaml for every key):\n  "
             + "\n  ".join(lines)
         )
+    for name, dataset in config["datasets"].items():
+        _check_format_keys(name, dataset)
     _fill_defaults(config, schema, schema)
     _check_locations(config)
     _expand_output_dir(config)
+    _check_dedup_against(config["datasets"])
     return config
+
+
+def _check_dedup_against(datasets: dict[str, Any]) -> None:
+    """``dedup_against`` names configured datasets and never loops back (Snakemake builds
+    the named datasets first, so a loop could never start)."""
+    for name, settings in datasets.items():
+        for other in settings.get("dedup_against", []):
+            if other not in datasets or other == name:
+                raise ConfigError(
+                    f"config key datasets.{name}.dedup_against: {other!r} is "
+                    + ("the dataset itself" if other == name else "not a configured dataset")
+                    + f": name other datasets ({', '.join(sorted(set(datasets) - {name}))})"
+                )
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in path:
+            loop = " -> ".join([*path[path.index(name) :], name])
+            raise ConfigError(
+                f"config key dedup_against loops ({loop}): each dataset must be built before "
+                "the ones that dedup against it; remove one of these entries"
+            )
+        for other in datasets[name].get("dedup_against", []):
+            visit(other, (*path, name))
+
+    for name in datasets:
+        visit(name, ())
+
+
+# The columns a `table` dataset names, one each; then every key only `table` reads.
+TABLE_COLUMNS = (
+    "url_column",
+    "caption_column",
+    "license_column",
+    "width_column",
+    "height_column",
+    "id_column",
+)
+TABLE_KEYS = (
+    *TABLE_COLUMNS,
+    *("file_type", "header", "column_names", "keep_columns", "min_values", "max_values"),
+)
+
+
+def _check_format_keys(name: str, dataset: dict[str, Any]) -> None:
+    """Keys that only one format reads are refused elsewhere; a folder reads file: URLs."""
+    fmt = dataset["format"]
+    misplaced = [k for k in TABLE_KEYS if k in dataset and fmt != "table"]
+    misplaced += ["caption_lines"] if "caption_lines" in dataset and fmt != "folder" else []
+    if misplaced:
+        raise ConfigError(
+            f"config key datasets.{name}: {', '.join(misplaced)} apply only to "
+            f"format: {'folder' if misplaced == ['caption_lines'] else 'table'}, not {fmt}"
+        )
+    if fmt == "folder" and dataset.setdefault("allow_file_urls", True) is not True:
+        raise ConfigError(
+            f"config key datasets.{name}.allow_file_urls: a folder dataset reads its images "
+            "through file: URLs; remove the key or set it to true"
+        )
+
+
+# JSON schema type -> the Python types a YAML scalar must load as to satisfy it.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "null": (type(None),),
+    "array": (list,),
+    "object": (dict,),
+}
+
+
+def coerce(node: Any, schema: dict[str, Any], root: dict[str, Any]) -> Any:
+    """Turn strings into the values the schema wants, in place; returns the coerced node.
+
+    Snakemake's ``--config key=value`` parses nested values with YAML's BaseLoader, so
+    ``datasets='{cc12m: {fraction: 0.01}}'`` arrives with ``'0.01'``: a string where the
+    schema wants a non-string type is loaded as YAML and kept when it then fits.
+    """
+    if "$ref" in schema:
+        schema = root["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+    if isinstance(node, str):
+        types = schema.get("type")
+        wanted = [types] if isinstance(types, str) else list(types or [])
+        if wanted and "string" not in wanted:
+            try:
+                value = yaml.safe_load(node)
+            except yaml.YAMLError:
+                return node
+            fits = any(
+                isinstance(value, _TYPES[t]) and not (t != "boolean" and isinstance(value, bool))
+                for t in wanted
+                if t in _TYPES
+            )
+            return coerce(value, schema, root) if fits else node
+        return node
+    if isinstance(node, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, value in node.items():
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                node[key] = coerce(value, sub, root)
+    elif isinstance(node, list) and isinstance(schema.get("items"), dict):
+        node[:] = [coerce(v, schema["items"], root) for v in node]
+    for alternative in schema.get("oneOf", []) + schema.get("anyOf", []):
+        if not isinstance(node, str):
+            break
+        node = coerce(node, alternative, root)
+    return node
 
 
 def _check_locations(config: dict[str, Any]) -> None:
@@ -95,6 +208,13 @@ def schema_default(*keys: str) -> Any:
     for key in keys:
         node = node["properties"][key]
     return copy.deepcopy(node["default"])
+
+
+def dataset_default(key: str) -> Any:
+    """The schema's default for a key every dataset may set (``eval_fraction``, ...)."""
+    return copy.deepcopy(
+        _read_schema(SCHEMA_PATH)["$defs"]["dataset"]["properties"][key]["default"]
+    )
 
 
 OUTPUT_DIR = "{output_dir}"

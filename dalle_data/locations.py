@@ -86,18 +86,6 @@ def normalize(location: Location) -> str | Path:
     return text.rstrip("/")
 
 
-def local_only(location: Location, what: str) -> Path:
-    """``location`` as a local ``Path``; a URL is refused with a sentence naming ``what``
-    (for the commands that do not read or write buckets yet)."""
-    target = normalize(location)
-    if not isinstance(target, Path):
-        raise LocationError(
-            f"{what} {target}: a bucket or HTTP location is not supported here yet: copy it to "
-            "a local folder first (and back with `dalle-data put FOLDER URL`)"
-        )
-    return target
-
-
 def join(location: Location, *parts: str) -> str | Path:
     """``location / part / ...`` for a path or a URL."""
     base = normalize(location)
@@ -164,7 +152,8 @@ def filesystem(location: Location) -> tuple[Any, str]:
     return fs, path
 
 
-def _writable(location: Location) -> tuple[Any, str]:
+def writable(location: Location) -> tuple[Any, str]:
+    """fsspec's filesystem and path of a URL that may be written; http(s) is refused."""
     if scheme(location) in READ_ONLY:
         raise LocationError(
             f"{location}: http(s) locations are read-only: write to a local folder or an "
@@ -186,6 +175,7 @@ def open_read(location: Location) -> Iterator[IO[bytes]]:
             yield fh
         return
     fs, path = filesystem(target)
+    fs.invalidate_cache(path)  # a cached listing's ETag would refuse an object changed since
     try:
         fh = fs.open(path, "rb")
     except (FileNotFoundError, PermissionError, OSError) as err:
@@ -252,7 +242,7 @@ def download(location: Location, dest: Path) -> str:
 
 def upload(local: Path, location: Location) -> None:
     """Put the local file ``local`` at ``location`` in one PUT or completed multipart upload."""
-    fs, path = _writable(location)
+    fs, path = writable(location)
     fs.put_file(os.fspath(local), path)
     fs.invalidate_cache(path)
 
@@ -269,7 +259,7 @@ def write_path(location: Location) -> Iterator[Path]:
         with atomic_path(target) as tmp:
             yield tmp
         return
-    _writable(target)
+    writable(target)
     with tempfile.TemporaryDirectory(prefix="dalle-data-put-") as tmp_dir:
         tmp = Path(tmp_dir) / name(target)
         yield tmp
@@ -290,12 +280,16 @@ def write_json(location: Location, obj: Any) -> None:
 
 def put_tree(local_dir: Path, location: Location, *, last: tuple[str, ...] = ()) -> None:
     """Upload (or, locally, hard-link or copy atomically) every file below ``local_dir`` to
-    ``location``.
+    ``location``; hidden files (a killed writer's temporary files) stay behind.
 
     Files named in ``last`` go last, in that order: readers that take them as the sign of a
     finished folder (a checkpoint, its ``lineage.json``) never see it before the rest.
     """
-    files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+    files = sorted(
+        p
+        for p in Path(local_dir).rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(local_dir).parts)
+    )
     rank = {n: i for i, n in enumerate(last)}
     files.sort(key=lambda p: rank.get(p.relative_to(local_dir).as_posix(), -1))
     for path in files:
@@ -339,6 +333,6 @@ def remove(location: Location) -> None:
     if isinstance(target, Path):
         target.unlink(missing_ok=True)
         return
-    fs, path = _writable(target)
+    fs, path = writable(target)
     with contextlib.suppress(FileNotFoundError):
         fs.rm_file(path)

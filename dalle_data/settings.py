@@ -15,7 +15,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from dalle_data.config import ConfigError, local_output_dir, tokenizer_file
+from dalle_data.config import TABLE_COLUMNS, ConfigError, local_output_dir, tokenizer_file
 
 _REMOTE = re.compile(r"^(?i:https?|file)://")
 # The `dalle-data download` options a config's `download:` section sets, one to one.
@@ -33,6 +33,8 @@ DOWNLOAD_OPTIONS = (
     "retry_after_max",
     "retry_backoff",
 )
+# Format options (table, folder) that `dalle-data normalize` takes as `--<key> VALUE`.
+NORMALIZE_OPTIONS = (*TABLE_COLUMNS, "file_type", "caption_lines")
 # The bundled offline source: a local `sample.tsv` that `dalle-data make-sample` writes.
 SAMPLE_SOURCE = "sample.tsv"
 
@@ -46,6 +48,7 @@ class DatasetSettings:
     config: dict[str, Any]
     download: dict[str, Any]
     filters: dict[str, Any]
+    dedup: dict[str, Any]
     image_size: int
     tokenizer: str
     shard_size: int
@@ -80,6 +83,13 @@ class DatasetSettings:
         args = ["--format", self.config["format"]]
         args += [a for lang in self.config.get("languages") or [] for a in ("--language", lang)]
         args += [a for lic in self.config.get("licenses") or [] for a in ("--license", lic)]
+        cfg = self.config
+        args += [a for k in NORMALIZE_OPTIONS if k in cfg for a in (_flag(k), str(cfg[k]))]
+        args += [a for c in cfg.get("keep_columns") or [] for a in ("--keep-column", str(c))]
+        values = sorted({**cfg.get("min_values", {}), **cfg.get("max_values", {})})
+        args += [a for c in values for a in ("--value-column", c)]
+        args += [a for c in cfg.get("column_names") or [] for a in ("--column-name", c)]
+        args += [] if cfg.get("header", True) else ["--no-header"]
         return shlex.join(args)
 
     def filter_args(self) -> str:
@@ -90,6 +100,9 @@ class DatasetSettings:
         args += ["--min-words", str(self.filters["min_words"])]
         args += ["--max-words", str(self.filters["max_words"])]
         args += [a for w in self.filters["blocklist"] for a in ("--blocklist", w)]
+        for key in ("min_values", "max_values"):
+            bounds = sorted(self.config.get(key, {}).items())
+            args += [a for c, v in bounds for a in (_flag(key[:3] + "_value"), f"{c}={v}")]
         return shlex.join(args)
 
     def plan_args(self) -> str:
@@ -102,7 +115,7 @@ class DatasetSettings:
         args = ["--image-size", str(self.image_size)]
         for key in DOWNLOAD_OPTIONS:
             if d[key] is not None:  # null: the option's own "none" (no contact, no limit)
-                args += [f"--{key.replace('_', '-')}", str(d[key])]
+                args += [_flag(key), str(d[key])]
         if d.get("spark_master"):
             args += ["--spark-master", d["spark_master"]]
         for key, value in sorted(d.get("spark_conf", {}).items()):
@@ -112,10 +125,37 @@ class DatasetSettings:
     def finalize_args(self) -> str:
         args = ["--dataset", self.name, "--tokenizer", self.tokenizer]
         args += ["--image-size", str(self.image_size), "--shard-size", str(self.shard_size)]
+        args += ["--eval-fraction", str(self.config["eval_fraction"])]
+        args += ["--eval-max-rows", str(self.config["eval_max_rows"] or 0)]
+        args += ["--max-distance", str(self.dedup["max_distance"])]
+        args.append(
+            "--near-duplicates" if self.config["near_duplicates"] else "--no-near-duplicates"
+        )
+        for other in self.config["dedup_against"]:
+            args += ["--dedup-against", f"{other}={self._sibling(other)}"]
         return shlex.join(args)
+
+    @property
+    def dedup_against_indexes(self) -> list[str]:
+        """index.parquet of both shard sets of each ``dedup_against`` dataset: finalize's
+        inputs, so those datasets are built first."""
+        return [
+            f"{self._sibling(other)}/{folder}/index.parquet"
+            for other in self.config["dedup_against"]
+            for folder in ("shards", "eval")
+        ]
+
+    def _sibling(self, dataset: str) -> str:
+        """The folder of another dataset of the same output_dir."""
+        return f"{os.path.dirname(self.dir)}/{dataset}"
 
     def _file_urls(self) -> str:
         return "--allow-file-urls" if self.config["allow_file_urls"] else "--no-allow-file-urls"
+
+
+def _flag(key: str) -> str:
+    """The command-line option for a config key: ``url_column`` -> ``--url-column``."""
+    return "--" + key.replace("_", "-")
 
 
 def resolve(config: dict[str, Any]) -> dict[str, DatasetSettings]:
@@ -130,6 +170,7 @@ def resolve(config: dict[str, Any]) -> dict[str, DatasetSettings]:
             config=ds,
             download=config["download"],
             filters=config["filters"],
+            dedup=config["dedup"],
             image_size=ds.get("image_size") or config["image_size"],
             tokenizer=tokenizer,
             shard_size=config["shard_size"],

@@ -65,8 +65,20 @@ def built(dataset):
     """A dataset target's end points: verified shards and their card (in the bucket, for a
     bucket output_dir)."""
     if BUCKET:
-        return [storage(bucket_shards(dataset))]
-    return [verified(dataset), f"{ds_dir(dataset)}/shards/README.md"]
+        return [storage(bucket_shards(dataset)), storage(f"{BUCKET}/{dataset}/eval")]
+    return [
+        verified(dataset),
+        f"{ds_dir(dataset)}/eval/verify.json",
+        f"{ds_dir(dataset)}/shards/README.md",
+    ]
+
+
+def card_of(wildcards):
+    """The card a shard set's upload waits for: the training shards' (it covers the eval
+    split too); none for the eval split itself."""
+    if wildcards.shardset != "shards":
+        return []
+    return f"{ds_dir(wildcards.dataset)}/shards/README.md"
 
 
 def bucket_shards(dataset):
@@ -75,16 +87,19 @@ def bucket_shards(dataset):
 
 
 def training_shards(dataset):
-    """train-extend's input: the verified local shards, or the bucket's shards folder, which
-    Snakemake does not download (retrieve=False): train-extend streams it through its cache."""
+    """train-extend's inputs: the verified local shards and eval split (train-extend scores
+    parent and child on it), or their bucket folders, which Snakemake does not download
+    (retrieve=False): train-extend streams them through its cache."""
     if BUCKET:
-        return storage(bucket_shards(dataset), retrieve=False)
-    return verified(dataset)
+        folders = (bucket_shards(dataset), f"{BUCKET}/{dataset}/eval")
+        return [storage(folder, retrieve=False) for folder in folders]
+    return [verified(dataset), f"{ds_dir(dataset)}/eval/verify.json"]
 
 
-def training_shards_location(dataset):
-    """What train-extend's --shards gets: the local shards folder or the bucket URL."""
-    return bucket_shards(dataset) if BUCKET else f"{ds_dir(dataset)}/shards"
+def training_shards_location(wildcards, input):
+    """What train-extend's --shards gets: the folder of the verified local shards (the
+    first input), or the bucket URL that train-extend streams from."""
+    return bucket_shards(TRAIN["dataset"]) if BUCKET else os.path.dirname(input.shards[0])
 
 
 def tokenizer_input(dataset):
@@ -106,6 +121,12 @@ def downloaded_parts(wildcards):
     with open(plan) as fh:
         parts = json.load(fh)["parts"]
     return [f"{OUT}/{wildcards.dataset}/downloaded/{p['name']}.json" for p in parts]
+
+
+def dedup_against_indexes(wildcards):
+    """index.parquet of both shard sets of every dataset this one dedups against, so
+    Snakemake builds those datasets first."""
+    return settings(wildcards.dataset).dedup_against_indexes
 
 
 # Training (pipelines/train.smk).

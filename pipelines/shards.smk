@@ -1,5 +1,6 @@
-# Shards: all downloaded parts -> byte-reproducible shards and manifest; then the card and
-# verify, which only read the shards and so run side by side.
+# Shards: all downloaded parts -> byte-reproducible training shards and the held-out eval
+# split, each with its manifest; then the card and verify, which only read the shards and
+# so run side by side.
 
 
 rule finalize:
@@ -9,10 +10,16 @@ rule finalize:
         normalize=f"{OUT}/{{dataset}}/metadata/normalize.json",
         filter=f"{OUT}/{{dataset}}/metadata/filter.json",
         tokenizer=lambda wc: tokenizer_input(wc.dataset),
+        against=dedup_against_indexes,
     output:
         manifest=f"{OUT}/{{dataset}}/shards/manifest.json",
         failures=f"{OUT}/{{dataset}}/shards/failures.parquet",
         index=f"{OUT}/{{dataset}}/shards/index.parquet",
+        examples=f"{OUT}/{{dataset}}/shards/duplicate_examples.parquet",
+        eval_manifest=f"{OUT}/{{dataset}}/eval/manifest.json",
+        eval_failures=f"{OUT}/{{dataset}}/eval/failures.parquet",
+        eval_index=f"{OUT}/{{dataset}}/eval/index.parquet",
+        eval_examples=f"{OUT}/{{dataset}}/eval/duplicate_examples.parquet",
         build=f"{OUT}/{{dataset}}/shards/build.json",
     params:
         # <dataset_dir>/shards/manifest.json
@@ -32,12 +39,16 @@ rule card:
     input:
         manifest=f"{OUT}/{{dataset}}/shards/manifest.json",
         index=f"{OUT}/{{dataset}}/shards/index.parquet",
+        examples=f"{OUT}/{{dataset}}/shards/duplicate_examples.parquet",
+        eval_manifest=f"{OUT}/{{dataset}}/eval/manifest.json",
+        eval_examples=f"{OUT}/{{dataset}}/eval/duplicate_examples.parquet",
         build=f"{OUT}/{{dataset}}/shards/build.json",
     output:
         card=f"{OUT}/{{dataset}}/shards/README.md",
         sheet=f"{OUT}/{{dataset}}/shards/contact_sheet.png",
         lengths=f"{OUT}/{{dataset}}/shards/caption_lengths.png",
         sizes=f"{OUT}/{{dataset}}/shards/image_sizes.png",
+        duplicates=f"{OUT}/{{dataset}}/shards/duplicates.png",
     params:
         shards=subpath(input.manifest, parent=True),
     log:
@@ -49,18 +60,21 @@ rule card:
 
 
 rule verify:
-    """The dataset's end point: shards re-hashed against the manifest, some captions re-tokenized."""
+    """The dataset's end point: shards (training or eval) re-hashed against their manifest,
+    some captions re-tokenized."""
     input:
-        manifest=f"{OUT}/{{dataset}}/shards/manifest.json",
+        manifest=f"{OUT}/{{dataset}}/{{shardset}}/manifest.json",
         tokenizer=lambda wc: tokenizer_input(wc.dataset),
     output:
-        f"{OUT}/{{dataset}}/shards/verify.json",
+        f"{OUT}/{{dataset}}/{{shardset}}/verify.json",
+    wildcard_constraints:
+        shardset="shards|eval",
     params:
         shards=subpath(input.manifest, parent=True),
     log:
-        f"{OUT}/{{dataset}}/logs/verify.log",
+        f"{OUT}/{{dataset}}/logs/verify_{{shardset}}.log",
     benchmark:
-        f"{OUT}/{{dataset}}/benchmarks/verify.tsv"
+        f"{OUT}/{{dataset}}/benchmarks/verify_{{shardset}}.tsv"
     shell:
         "dalle-data verify {params.shards} --retokenize 32 > {log} 2>&1"
 
@@ -68,19 +82,22 @@ rule verify:
 if BUCKET:
 
     rule bucket_shards:
-        """A dataset's verified shards folder, sent to <output_dir>/<dataset>/shards by
-        Snakemake's storage plugin: each file one PUT or a completed multipart upload."""
+        """A dataset's verified shards folder (or its eval split), sent to
+        <output_dir>/<dataset>/{shards,eval} by Snakemake's storage plugin: each file one
+        PUT or a completed multipart upload."""
         input:
-            verify=f"{OUT}/{{dataset}}/shards/verify.json",
-            card=f"{OUT}/{{dataset}}/shards/README.md",
+            verify=f"{OUT}/{{dataset}}/{{shardset}}/verify.json",
+            card=card_of,
         output:
-            storage(f"{BUCKET}/{{dataset}}/shards"),
+            storage(f"{BUCKET}/{{dataset}}/{{shardset}}"),
+        wildcard_constraints:
+            shardset="shards|eval",
         params:
             shards=subpath(input.verify, parent=True),
         log:
-            f"{OUT}/{{dataset}}/logs/bucket_shards.log",
+            f"{OUT}/{{dataset}}/logs/bucket_{{shardset}}.log",
         benchmark:
-            f"{OUT}/{{dataset}}/benchmarks/bucket_shards.tsv"
+            f"{OUT}/{{dataset}}/benchmarks/bucket_{{shardset}}.tsv"
         shell:
             # {output} is the plugin's local staging folder: `put` hard-links the files
             # there, and the plugin uploads them when the job is done.

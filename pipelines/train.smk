@@ -33,9 +33,10 @@ rule train:
     output:
         **trained_outputs(),
     params:
-        shards=training_shards_location(TRAIN["dataset"]),
+        shards=training_shards_location,
         epochs=TRAIN["epochs"],
-        output_dir=TRAIN["output_dir"],
+        # <output_dir>/<family>/<name>/<name>.pt (model.output_name.checkpoint_path)
+        output_dir=subpath(output.checkpoint, ancestor=3),
         options=train_options(),
     log:
         f"{OUT}/{TRAIN['dataset']}/logs/train.log",

@@ -16,15 +16,6 @@ from tests.test_build_pipeline import CONFIG, SNAKEFILE, finished, shard_bytes, 
 from tests.test_download import image_bytes, write_metadata
 
 
-def bucket_objects(s3, bucket: str, prefix: str) -> dict[str, bytes]:
-    client = s3.client()
-    listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
-    return {
-        o["Key"].removeprefix(prefix): client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-        for o in listed
-    }
-
-
 @pytest.mark.slow
 def test_shards_built_to_a_bucket_equal_a_local_build_even_after_kill_9(tmp_path: Path, s3) -> None:
     bucket = s3.bucket()
@@ -60,12 +51,12 @@ def test_shards_built_to_a_bucket_equal_a_local_build_even_after_kill_9(tmp_path
             time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        at_kill = bucket_objects(s3, bucket, prefix)
+        at_kill = s3.objects(bucket, prefix)
         # every object listed is whole: exactly the local build's file of that name
         assert at_kill and all(local[name] == body for name, body in at_kill.items())
         finished(snakemake(work, "--unlock"))
         log = finished(snakemake(work, "--cores", "2", "--rerun-incomplete", "target"))
-    uploaded = bucket_objects(s3, bucket, prefix)
+    uploaded = s3.objects(bucket, prefix)
     # the bucket holds exactly the shards folder built in work_dir, every byte ...
     staged = work / "data" / "cc12m" / "shards"
     assert uploaded == {p.name: p.read_bytes() for p in staged.iterdir()}
@@ -75,8 +66,4 @@ def test_shards_built_to_a_bucket_equal_a_local_build_even_after_kill_9(tmp_path
     # the stages before the upload ran locally, in work_dir
     assert (work / "data" / "cc12m" / "downloaded").is_dir()
     # no credential in anything the pipeline wrote or printed
-    secret = s3.secret_key.encode()
-    assert secret not in log.encode()
-    for path in work.rglob("*"):
-        assert not path.is_file() or secret not in path.read_bytes(), path
-    assert all(secret not in body for body in bucket_objects(s3, bucket, "").values())
+    s3.assert_secret_nowhere(bucket, [work], log)

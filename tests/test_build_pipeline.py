@@ -52,6 +52,7 @@ RESULTS = [
     "contact_sheet.png",
     "caption_lengths.png",
     "image_sizes.png",
+    "duplicates.png",
 ]
 
 
@@ -80,7 +81,7 @@ def shard_bytes(shards: Path) -> dict[str, bytes]:
     names = (
         sorted(p.name for p in shards.glob("cc12m-*.tar"))
         + RESULTS
-        + ["failures.parquet", "index.parquet"]
+        + ["failures.parquet", "index.parquet", "duplicate_examples.parquet"]
     )
     return {name: (shards / name).read_bytes() for name in names}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import traceback
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +22,7 @@ from dalle_data.collection.lineage_tree import lineage_graph
 from dalle_data.hashing import sha256_file
 from dalle_data.model.init import init_parent
 from dalle_data.model.train import TrainArgs, train_extend
+from tests.helpers.s3 import S3Server
 from tests.helpers.tiny import write_dataset, write_preset, write_tokenizer
 
 ARCH = "1L_16HD_2H_32I_8T"
@@ -28,6 +30,8 @@ ARCH = "1L_16HD_2H_32I_8T"
 
 def run(*args: object) -> tuple[int, str]:
     result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exit_code and not isinstance(result.exception, SystemExit):  # a crash: show it
+        return result.exit_code, "".join(traceback.format_exception(*result.exc_info))
     return result.exit_code, result.output
 
 
@@ -187,3 +191,57 @@ def test_publish_is_a_no_op_again_and_refuses_a_different_file(
         assert (copied / source.name).read_bytes() == source.read_bytes()
     assert (fresh / "index.json").is_file() and (fresh / "lineage.png").is_file()
     assert "is not in the collection" in (fresh / "README.md").read_text()
+
+
+def test_a_bucket_collection_is_the_same_collection(
+    built: dict[str, Path], s3: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """publish into an s3:// collection and index it: the same index.json, README.md and
+    lineage.png bytes as the same collection in a folder; a re-index downloads nothing that
+    did not change; the same refusals and no-ops as on disk."""
+    local, cache = tmp_path / "local", tmp_path / "cache"
+    printed = ""
+    for key in ("child_cc12m", "child_wit"):
+        code, out = run("publish", built[key].parent, bucket, "--cache-dir", cache)
+        assert code == 0 and "published: s3://" in out, out
+        printed += out
+        assert run("publish", built[key].parent, local)[0] == 0
+    objects = s3.objects(bucket)
+    for name in ("index.json", "README.md", "lineage.png"):
+        assert objects[name] == (local / name).read_bytes(), name
+    for key in ("child_cc12m", "child_wit"):
+        for source in built[key].parent.iterdir():
+            assert objects[f"custom/{built[key].stem}/{source.name}"] == source.read_bytes()
+    # a re-index writes the same bytes and downloads only the object that changed
+    (mirror,) = (cache / "collections").iterdir()
+    a = f"custom/{built['child_cc12m'].stem}"
+    inodes = {
+        n: (mirror / a / n).stat().st_ino for n in (f"{built['child_cc12m'].stem}.pt", "README.md")
+    }
+    code, out = run("collection", bucket, "--cache-dir", cache)
+    assert code == 0 and f"front page: {bucket}/README.md" in out, out
+    printed += out
+    assert s3.objects(bucket) == objects
+    assert {n: (mirror / a / n).stat().st_ino for n in inodes} == inodes
+    card = objects[f"{a}/README.md"] + b"\nEdited in the bucket.\n"
+    s3.client().put_object(Bucket=bucket.removeprefix("s3://"), Key=f"{a}/README.md", Body=card)
+    code, out = run("collection", bucket, "--cache-dir", cache)
+    assert code == 0, out
+    assert (mirror / a / "README.md").read_bytes() == card
+    assert (mirror / a / f"{built['child_cc12m'].stem}.pt").stat().st_ino == inodes[
+        f"{built['child_cc12m'].stem}.pt"
+    ]
+    # publishing again: a no-op; another checkpoint under a taken name: refused
+    code, out = run("publish", built["child_cc12m"].parent, bucket, "--cache-dir", cache)
+    assert code == 0 and "already published" in out, out
+    code, out = run("publish", built["other"].parent, bucket, "--cache-dir", cache)
+    assert code == 1 and "different checkpoint" in out and "remove that folder" in out, out
+    printed += out
+    # an object deleted from the bucket leaves the index and the mirror
+    gone = f"custom/{built['child_wit'].stem}/{built['child_wit'].name}"
+    s3.client().delete_object(Bucket=bucket.removeprefix("s3://"), Key=gone)
+    assert run("collection", bucket, "--cache-dir", cache)[0] == 0
+    index = json.loads(s3.objects(bucket)["index.json"])
+    assert [e["path"] for e in index["checkpoints"]] == [f"{a}/{built['child_cc12m'].name}"]
+    assert not (mirror / gone).exists()
+    s3.assert_secret_nowhere(bucket, [tmp_path], printed)

@@ -82,3 +82,103 @@ def test_output_dir_placeholder_follows_an_overridden_output_dir():
     assert resolve(cfg)["sample"].tokenizer == "hug:/scratch/build/sample/tokenizer/tokenizer.json"
     assert cfg["train"]["output_dir"] == "/scratch/build/models"
     assert cfg["datasets"]["cc12m"]["source"].startswith("https://")
+
+
+def test_eval_and_dedup_defaults():
+    cfg = config.validate(defaults())
+    assert cfg["dedup"] == {"max_distance": 3}
+    cc12m, sample = cfg["datasets"]["cc12m"], cfg["datasets"]["sample"]
+    assert (cc12m["eval_fraction"], cc12m["eval_max_rows"], cc12m["dedup_against"]) == (
+        0.001,
+        10000,
+        [],
+    )
+    assert cc12m["near_duplicates"] is True and sample["near_duplicates"] is False
+    assert sample["eval_fraction"] > 0 and sample["eval_max_rows"] <= 100
+
+
+@pytest.mark.parametrize(
+    ("against", "message"),
+    [
+        ({"wit": ["laion"]}, "'laion' is not a configured dataset"),
+        ({"wit": ["wit"]}, "'wit' is the dataset itself"),
+        ({"wit": ["cc12m"], "cc12m": ["yfcc"], "yfcc": ["wit"]}, "loops"),
+    ],
+)
+def test_dedup_against_names_other_datasets_without_a_loop(against, message):
+    cfg = defaults()
+    for name, others in against.items():
+        cfg["datasets"][name]["dedup_against"] = others
+    with pytest.raises(config.ConfigError, match=message):
+        config.validate(cfg)
+
+
+def test_snakemake_builds_a_dedup_against_dataset_first(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(
+        yaml.safe_dump(
+            {"output_dir": str(tmp_path / "out"), "datasets": {"wit": {"dedup_against": ["cc12m"]}}}
+        )
+    )
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", str(out / "wit/shards/manifest.json")]
+        + ["--configfile", str(extra)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = result.stdout + result.stderr
+    # wit's finalize waits for both index.parquet files of cc12m, which cc12m's finalize makes.
+    wit_finalize = plan[plan.index(f"output: {out}/wit/shards/manifest.json") - 400 :]
+    assert f"{out}/cc12m/eval/index.parquet" in wit_finalize.split("output:")[0]
+    assert f"output: {out}/cc12m/shards/manifest.json" in plan
+
+
+def test_config_values_from_the_command_line_are_coerced_by_the_schema():
+    """`--config` parses nested values as strings (YAML BaseLoader): the README's form works."""
+    from snakemake.cli import parse_config
+    from snakemake.utils import update_config
+
+    cfg = defaults()
+    given = parse_config(
+        [
+            "datasets={cc12m: {format: cc12m, source: x.tsv, fraction: 0.01, max_rows: null}, "
+            "laion: {format: table, source: [a.parquet], url_column: URL, caption_column: TEXT, "
+            "min_values: {similarity: 0.3}, header: false}, wit: {format: wit, source: w.tsv, "
+            "wit_files: [1, 2], allow_file_urls: true}}",
+            "shard_size=10",
+        ]
+    )
+    assert given["datasets"]["cc12m"]["fraction"] == "0.01"
+    update_config(cfg, given)
+    config.validate(cfg)
+    assert cfg["datasets"]["cc12m"]["fraction"] == 0.01
+    assert cfg["datasets"]["cc12m"]["max_rows"] is None
+    assert cfg["datasets"]["laion"]["min_values"] == {"similarity": 0.3}
+    assert cfg["datasets"]["laion"]["header"] is False
+    assert cfg["datasets"]["wit"]["wit_files"] == [1, 2]
+    assert cfg["datasets"]["wit"]["allow_file_urls"] is True
+    assert cfg["datasets"]["laion"]["url_column"] == "URL"
+
+
+def test_a_string_that_is_not_the_wanted_type_is_still_refused():
+    cfg = defaults()
+    cfg["datasets"]["cc12m"]["fraction"] = "a lot"
+    with pytest.raises(config.ConfigError, match="datasets.cc12m.fraction: 'a lot'"):
+        config.validate(cfg)
+
+
+def test_format_keys_belong_to_their_format_and_folders_read_file_urls():
+    cfg = defaults()
+    cfg["datasets"]["cc12m"]["url_column"] = "URL"
+    with pytest.raises(config.ConfigError, match="url_column apply only to format: table"):
+        config.validate(cfg)
+    cfg = defaults()
+    cfg["datasets"]["photos"] = {"format": "folder", "source": "my-photos"}
+    config.validate(cfg)
+    assert cfg["datasets"]["photos"]["allow_file_urls"] is True
+    cfg["datasets"]["photos"]["allow_file_urls"] = False
+    with pytest.raises(config.ConfigError, match="photos.allow_file_urls"):
+        config.validate(cfg)

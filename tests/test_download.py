@@ -20,12 +20,8 @@ from PIL import Image
 
 from dalle_data.formats.manifest import read_manifest, verify
 from dalle_data.formats.webdataset import read_shard, row_key
-from dalle_data.pipeline.download import (
-    GLIBC_TUNABLES,
-    DownloadSettings,
-    plan_download,
-    read_plan,
-)
+from dalle_data.pipeline.download import GLIBC_TUNABLES, DownloadSettings
+from dalle_data.pipeline.download_plan import plan_download, read_plan
 from dalle_data.pipeline.failures import failure_reason
 from dalle_data.pipeline.finalize import finalize
 from dalle_data.pipeline.retry import download_with_retries
@@ -141,6 +137,7 @@ def write_metadata(ds_dir: Path, rows: list[dict[str, Any]], dropped: dict[str, 
             "license": [r.get("license") for r in rows],
             "width": pa.array([None] * len(rows), pa.int32()),
             "height": pa.array([None] * len(rows), pa.int32()),
+            "extra": pa.array([r.get("extra") for r in rows], pa.string()),
         }
     )
     pq.write_table(table, meta / "filtered.parquet")
@@ -168,9 +165,12 @@ def build(
     tokenizer: str = "simple",
     distributor: str = "multiprocessing",
     processes: int = 1,
+    holdout: Any = None,
+    dedup_options: Any = None,
     **download: Any,
 ) -> dict:
-    """plan-download -> download per part -> finalize, through the library functions;
+    """plan-download -> download per part -> finalize (with ``holdout`` and
+    ``dedup_options``), through the library functions;
     ``download`` overrides DownloadSettings (retry rounds, rate limit ...)."""
     plan = plan_download(
         ds_dir / "metadata" / "filtered.parquet",
@@ -198,6 +198,8 @@ def build(
         tokenizer_spec=tokenizer,
         image_size=IMAGE_SIZE,
         shard_size=shard_size,
+        holdout=holdout,
+        dedup_options=dedup_options,
     )
 
 
@@ -237,7 +239,8 @@ def test_every_row_is_written_or_counted(hostile: tuple[LocalServer, list[dict],
     expected["file_url_refused"] = 1
     assert manifest["counts"] == {
         "input_rows": len(rows) + 3,
-        "dropped": {"empty_caption": 3},
+        # Finalize's own reasons are listed when nothing fell under them.
+        "dropped": {"duplicate_image": 0, "empty_caption": 3, "eval_duplicate": 0, "eval_split": 0},
         "failed": dict(sorted(expected.items())),
         "written": len(GOOD),
     }

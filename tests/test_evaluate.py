@@ -234,3 +234,13 @@ def test_an_eval_split_in_a_bucket_scores_as_on_disk(
     locations.write_bytes(f"{url}/{shard.name}", bytes(altered))
     code, out = run("evaluate", remote, "--shards", url, "--cache-dir", tmp_path / "other")
     assert code == 1 and "arrived with sha256" in out
+
+
+def test_an_empty_eval_split_is_not_scored(tmp_path: Path) -> None:
+    """finalize writes eval/ for every dataset; one too small for eval_fraction has none."""
+    spec = write_tokenizer(tmp_path / "tok.json")
+    shards = write_dataset(tmp_path, 4, 4, dataset="small", tokenizer=spec)
+    write_dataset(tmp_path, 0, 4, dataset="small", tokenizer=spec, split="eval")
+    assert ev.find_eval_split([shards]) is None
+    eval_dir = write_dataset(tmp_path, 2, 4, dataset="small", tokenizer=spec, split="eval")
+    assert ev.find_eval_split([shards]) == eval_dir

@@ -98,7 +98,7 @@ def test_http_is_read_only() -> None:
             locations.read_bytes(server.url("/x/missing"))
 
 
-def test_commands_without_bucket_support_refuse_a_url_clearly(
+def test_a_collection_url_that_cannot_be_written_is_refused_clearly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from typer.testing import CliRunner
@@ -106,7 +106,9 @@ def test_commands_without_bucket_support_refuse_a_url_clearly(
     from dalle_data.cli import app
 
     monkeypatch.chdir(tmp_path)
-    for args in (["collection", "s3://b/models"], ["publish", str(tmp_path), "gs://b/models"]):
-        result = CliRunner().invoke(app, args)
-        assert result.exit_code == 1 and "not supported here yet" in result.output
-    assert list(tmp_path.iterdir()) == []  # no local "s3:" folder made by mistake
+    for args in (["collection", "https://127.0.0.1:9/models"], ["collection", "ftp://b/models"]):
+        result = CliRunner().invoke(app, [*args, "--cache-dir", str(tmp_path / "cache")])
+        assert result.exit_code == 1 and (
+            "read-only" in result.output or "unknown" in result.output
+        )
+    assert list(tmp_path.iterdir()) == []  # no local "https:" folder, no mirror made

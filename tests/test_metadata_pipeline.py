@@ -88,7 +88,7 @@ def test_rules_build_every_dataset_with_exact_accounting(workdir: Path) -> None:
         "wit": (wit_drops, {}, 4),
         "yfcc": (yfcc_drops, {}, 2),
         # The sample's file: URLs are refused unless the dataset allows them.
-        "sample": ({}, {"url_scheme": 2003}, 0),
+        "sample": ({}, {"url_scheme": 2004}, 0),
     }
     for ds, (norm_drops, filter_drops, output_rows) in expected.items():
         meta = workdir / "out" / ds / "metadata"
@@ -126,7 +126,7 @@ def test_rules_build_every_dataset_with_exact_accounting(workdir: Path) -> None:
     assert "rule filter:" in result.stderr and "rule normalize:" not in result.stderr
     filt = _read(workdir / "out/sample/metadata/filter.json")
     assert {k: v for k, v in filt["dropped"].items() if v} == {"duplicate_url": 1}
-    assert filt["output_rows"] == 2002
+    assert filt["output_rows"] == 2003  # 2000 pictures, a copy of one, two bad entries
 
 
 def test_bad_dataset_name_fails_before_any_work(workdir: Path) -> None:

@@ -31,7 +31,9 @@ from PIL import Image
 from dalle_data.hashing import sha256_file
 from dalle_data.model.checkpoint import save_checkpoint
 from dalle_data.model.lineage import Architecture, model_name, parse_lineage
+from tests.helpers.http import Route, serve
 from tests.helpers.models import TINY_VAE_PARAMS, tiny_dalle, tiny_hparams
+from tests.helpers.s3 import S3Server
 from tests.helpers.tiny import write_tokenizer
 
 DALLE_DATA = str(Path(sys.executable).parent / "dalle-data")
@@ -166,14 +168,15 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_server(root: Path, *options: str) -> Iterator[Server]:
-    """``dalle-data serve ROOT`` on a free 127.0.0.1 port, stopped with Ctrl-C afterwards.
+def run_server(root: Path | str, *options: str, log_dir: Path | None = None) -> Iterator[Server]:
+    """``dalle-data serve ROOT`` on a free 127.0.0.1 port, stopped with Ctrl-C afterwards;
+    its log in ``log_dir`` (default: beside a local ROOT).
 
     One torch thread: tiny models sample far faster without thread hand-offs, above all on
     a machine whose cores are shared.
     """
     port = _free_port()
-    log = root.parent / f"serve-{port}.log"
+    log = (log_dir or Path(root).parent) / f"serve-{port}.log"
     command = ["dalle-data", "serve", str(root), "--port", str(port), *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "wb") as out:
@@ -567,3 +570,66 @@ def test_serve_options_are_checked_before_anything_starts(
     ):
         result = CliRunner().invoke(app, ["serve", str(root), option, value])
         assert result.exit_code == 1 and words in result.output, result.output
+
+
+# --- a collection in a bucket, or on a read-only web server ------------------------------
+
+
+def test_a_bucket_collection_is_served(
+    collection: tuple[Path, list[str]], s3: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """The same collection uploaded to S3 serves the same models: index, cards and pictures
+    fetched at start-up, each checkpoint when first asked for (the flat one's tokenizer
+    fetched from beside it)."""
+    from dalle_data import locations
+
+    root, names = collection
+    locations.put(root, f"{bucket}/models")
+    cache = tmp_path / "cache"
+    url = f"{bucket}/models"
+    with run_server(url, "--cache-dir", str(cache), log_dir=tmp_path) as running:
+        assert running.get("/dalle-list").json() == names
+        for name in (names[1], names[2]):
+            body = {"text": "a blue square", "num_images": 1, "dalle_name": name, "seed": 3}
+            assert [image.size for image in _jpegs(running.post(body))] == [(32, 32)]
+        card = running.get(f"/ui/api/models/{names[0]}/card").json()["html"]
+        assert f"/ui/api/models/{names[0]}/files/samples.png" in card
+        assert running.get(f"/ui/api/models/{names[0]}/files/samples.png").status_code == 200
+        assert running.get("/ui/lineage.png").content == (root / "lineage.png").read_bytes()
+        assert running.get("/ui/api/collection").json()["root"] == "models"
+    log = running.log.read_text()
+    assert running.process.returncode == 0 and "Traceback" not in log, log
+    fetched = {p.name for p in cache.rglob("*.pt")}
+    assert fetched == {f"{names[1]}.pt", f"{names[2]}.pt"}  # names[0] was never asked for
+    s3.assert_secret_nowhere(bucket, [tmp_path], log)
+
+
+def test_an_http_collection_is_served_read_only(
+    collection: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """A collection on a plain web server (no listing, no writing) serves from its index;
+    a checkpoint whose bytes are not the indexed ones is refused."""
+    from dalle_data.serve.catalog import Catalog, ServeError
+    from dalle_data.serve.models import VqganFiles, load_model
+
+    root, names = collection
+    routes = {
+        f"/c/{p.relative_to(root).as_posix()}": Route(p.read_bytes())
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+    with serve(routes) as web:
+        catalog = Catalog.open(web.url("/c"), cache_dir=tmp_path)
+        assert list(catalog.entries) == names
+        entry = catalog.entries[names[0]]
+        assert entry.card is not None and "samples.png" in entry.files
+        model = load_model(entry, "cpu", VqganFiles())
+        assert model.name == names[0]
+        relative = entry.record["path"]
+        web.routes[f"/c/{relative}"] = Route(b"replaced")
+        entry.checkpoint.unlink()
+        with pytest.raises(ServeError, match="index.json says"):
+            entry.fetch()
+        del web.routes["/c/index.json"]
+        with pytest.raises(ServeError, match="cannot be indexed in place"):
+            Catalog.open(web.url("/c"), cache_dir=tmp_path)

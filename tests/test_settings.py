@@ -41,7 +41,23 @@ def test_a_dataset_overrides_image_size_and_tokenizer() -> None:
     assert shlex.split(sample.finalize_args()) == [
         "--dataset", "sample", "--tokenizer", "hug:data/sample/tokenizer/tokenizer.json",
         "--image-size", "64", "--shard-size", "1000",
+        "--eval-fraction", "0.05", "--eval-max-rows", "100", "--max-distance", "3",
+        "--no-near-duplicates",
     ]  # fmt: skip
+
+
+def test_dedup_against_names_the_other_datasets_folders() -> None:
+    wit = resolve(_config(wit={"format": "wit", "source": "w.tsv", "dedup_against": ["cc12m"]}))
+    args = shlex.split(wit["wit"].finalize_args())
+    assert args[args.index("--dedup-against") + 1] == "cc12m=data/cc12m"
+    assert "--near-duplicates" in args
+    uncapped = {"format": "wit", "source": "w.tsv", "eval_max_rows": None}
+    args = shlex.split(resolve(_config(wit=uncapped))["wit"].finalize_args())
+    assert args[args.index("--eval-max-rows") + 1] == "0"
+    assert wit["wit"].dedup_against_indexes == [
+        "data/cc12m/shards/index.parquet",
+        "data/cc12m/eval/index.parquet",
+    ]
 
 
 def test_a_user_tokenizer_outside_output_dir_is_not_trained() -> None:
@@ -64,3 +80,28 @@ def test_stage_arguments_quote_what_the_shell_would_split() -> None:
         "--source", "a b.tsv", "--source", "https://h/c.tsv", "--subset", "s t.tsv"
     ]  # fmt: skip
     assert resolved.local_inputs == ["a b.tsv", "s t.tsv"]
+
+
+def test_table_and_folder_options_reach_normalize_and_filter() -> None:
+    laion = {
+        "format": "table",
+        "source": "part.parquet",
+        "url_column": "URL",
+        "caption_column": "TEXT",
+        "keep_columns": ["similarity", "NSFW"],
+        "min_values": {"similarity": 0.3},
+        "max_values": {"punsafe": 0.5},
+    }
+    sheet = {"format": "table", "source": "a.csv", "header": False, "url_column": 0}
+    photos = {"format": "folder", "source": "my-photos", "caption_lines": "each"}
+    ds = resolve(_config(laion=laion, sheet=sheet, photos=photos))
+    assert shlex.split(ds["laion"].normalize_args()) == [
+        "--format", "table", "--url-column", "URL", "--caption-column", "TEXT",
+        "--keep-column", "similarity", "--keep-column", "NSFW",
+        "--value-column", "punsafe", "--value-column", "similarity",
+    ]  # fmt: skip
+    filters = shlex.split(ds["laion"].filter_args())
+    assert filters[-4:] == ["--min-value", "similarity=0.3", "--max-value", "punsafe=0.5"]
+    assert shlex.split(ds["sheet"].normalize_args())[2:] == ["--url-column", "0", "--no-header"]
+    assert "--caption-lines" in ds["photos"].normalize_args()
+    assert "--allow-file-urls" in shlex.split(ds["photos"].filter_args())

@@ -148,6 +148,44 @@ def test_ascii_fast_path_skips_only_what_ftfy_and_unescape_leave_alone():
     assert ftfy.fix_text("a\r\nb\rc") == "a\nb\nc"  # only whitespace changes
 
 
+def test_ftfy_skip_covers_every_code_point_ftfys_fixers_change():
+    """_basic_clean skips ftfy for text without _FTFY_TOUCHES characters (plus NFC and no
+    mojibake): every other code point must pass each of ftfy's other fixers unchanged."""
+    from ftfy import fixes
+
+    kept = "".join(chr(c) for c in range(0x110000) if not tokenizers._FTFY_TOUCHES.match(chr(c)))
+    assert "\ud800" not in kept and "&" not in kept and "\u02bc" not in kept
+    for fixer in (
+        fixes.unescape_html,
+        fixes.fix_c1_controls,
+        fixes.fix_latin_ligatures,
+        fixes.fix_character_width,
+        fixes.uncurl_quotes,
+        fixes.fix_line_breaks,
+        fixes.fix_surrogates,
+        fixes.remove_terminal_escapes,
+        fixes.remove_control_chars,
+    ):
+        assert fixer(kept) == kept, fixer.__name__
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain café, naïve résumé 東京 🙂 — ok",  # skips ftfy
+        "x\nÃ y",  # a line that only looks like mojibake on its own: ftfy
+        "1\nÃ y",
+        "e\u0301 not NFC",
+        "modifier \u02bcapostrophe",
+        "sÃ³ mojibake",
+        "œ\nx",
+    ],
+)
+def test_simple_clean_up_with_and_without_ftfy(reference, text):
+    assert tokenizers._basic_clean(text) == dt.basic_clean(text)
+    assert tokenizers.load("simple").encode_batch([text])[0].tolist() == reference.encode(text)
+
+
 def test_simple_vocabulary_and_clean_up_are_the_references(reference):
     """The simple tokenizer rebuilds DALLE-pytorch's vocabulary, word regex and clean-up
     without importing dalle_pytorch; they must be the reference's own."""

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dalle_data import locations
 from dalle_data.atomic import write_json
 from dalle_data.errors import DalleDataError
 from dalle_data.hashing import sha256_file
@@ -254,18 +255,28 @@ def eval_sets(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(boards.values(), key=lambda b: (b["dataset"], b["manifest_sha256"]))
 
 
-def write_index(root: str | os.PathLike[str]) -> dict[str, Any]:
+def write_index(root: str | os.PathLike[str], *, cache_dir: Path | None = None) -> dict[str, Any]:
     """Index the collection at ``root``: write index.json, README.md and lineage.png there.
 
+    A bucket ``root`` is indexed through its local mirror in ``cache_dir``
+    (:mod:`dalle_data.collection.mirror`) and gets the same three files, index.json last.
     Returns the index. Reruns on an unchanged collection write the same bytes.
     """
+    from dalle_data.collection import mirror
     from dalle_data.collection.lineage_tree import write_lineage_picture
     from dalle_data.collection.readme import write_front_page
 
-    root = Path(root)
-    index = build_index(root)
-    picture_problem = write_lineage_picture(root / LINEAGE_PICTURE, index)
+    target = locations.normalize(root)
+    if isinstance(target, Path):
+        folder = target
+    else:
+        locations.writable(target)
+        folder = mirror.sync(target, cache_dir)
+    index = build_index(folder)
+    picture_problem = write_lineage_picture(folder / LINEAGE_PICTURE, index)
     index["problems"] = [picture_problem] if picture_problem else []
-    write_json(root / INDEX, index)
-    write_front_page(root / FRONT_PAGE, index, picture=picture_problem is None)
+    write_json(folder / INDEX, index)
+    write_front_page(folder / FRONT_PAGE, index, picture=picture_problem is None)
+    if not isinstance(target, Path):
+        mirror.upload_outputs(folder, target, (LINEAGE_PICTURE, FRONT_PAGE, INDEX))
     return index

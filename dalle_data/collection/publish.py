@@ -4,6 +4,10 @@ The folder is copied to a hidden temporary folder beside its destination, every 
 file's sha256 is checked against the source, and the folder is renamed into place in one
 step: a reader (or a kill -9) never sees half a checkpoint under its final name. A name
 already published with the same checkpoint is a no-op; with a different one, refused.
+
+Into a bucket, each file is one complete upload, the checkpoint and lineage.json last (a
+folder without its checkpoint is not indexed, and publishing again completes it); each
+object is then read back, into the collection's mirror, and its sha256 checked.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dalle_data import locations
 from dalle_data.atomic import DIR_MODE
 from dalle_data.collection.index import CollectionError, write_index
+from dalle_data.collection.mirror import fetch
 from dalle_data.hashing import sha256_file
 from dalle_data.model import checkpoint as ckpt_io
+from dalle_data.model.train import LINEAGE
 
 
 def _checkpoint_of(folder: Path) -> Path:
@@ -36,8 +43,14 @@ def _checkpoint_of(folder: Path) -> Path:
     return checkpoint
 
 
-def publish(checkpoint_dir: str | os.PathLike[str], root: str | os.PathLike[str]) -> dict[str, Any]:
-    """Copy ``checkpoint_dir`` to ``root/<family>/<name>/`` and re-index ``root``.
+def publish(
+    checkpoint_dir: str | os.PathLike[str],
+    root: str | os.PathLike[str],
+    *,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Copy ``checkpoint_dir`` to ``root/<family>/<name>/`` and re-index ``root`` (a folder
+    or a bucket URL, whose mirror lives in ``cache_dir``).
 
     Returns ``{"path", "published": bool, "index"}``; ``published`` is False when the same
     checkpoint was already there.
@@ -51,12 +64,38 @@ def publish(checkpoint_dir: str | os.PathLike[str], root: str | os.PathLike[str]
             f"{checkpoint} is named {name} but its hparams and lineage make it {info['name']}: "
             "rename the folder and file before publishing"
         )
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    destination = root / info["family"] / name
-    published = _copy_in(source, checkpoint, destination)
-    index = write_index(root)
-    return {"path": destination / checkpoint.name, "published": published, "index": index}
+    target = locations.normalize(root)
+    if isinstance(target, Path):
+        target.mkdir(parents=True, exist_ok=True)
+        published = _copy_in(source, checkpoint, target / info["family"] / name)
+    else:
+        locations.writable(target)
+        published = _upload(source, checkpoint, target, f"{info['family']}/{name}", cache_dir)
+    index = write_index(target, cache_dir=cache_dir)
+    path = locations.join(target, info["family"], name, checkpoint.name)
+    return {"path": path, "published": published, "index": index}
+
+
+def _upload(source: Path, checkpoint: Path, root: str, folder: str, cache_dir: Path | None) -> bool:
+    """Upload the folder's files to ``root/folder`` and read each back to check it; False
+    if the same checkpoint is already there."""
+    wanted = sha256_file(checkpoint)
+    existing = locations.join(root, folder, checkpoint.name)
+    if locations.exists(existing):
+        return _already_there(existing, wanted)
+    destination = locations.join(root, folder)
+    locations.put_tree(source, destination, last=(checkpoint.name, LINEAGE))
+    for path in sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith(".")):
+        copied = fetch(root, f"{folder}/{path.name}", cache_dir)
+        expected = wanted if path == checkpoint else sha256_file(path)
+        if copied != expected:
+            for name in (checkpoint.name, LINEAGE):  # no longer a finished folder
+                locations.remove(locations.join(destination, name))
+            raise CollectionError(
+                f"{path} arrived in {destination} with different bytes (sha256 {copied[:12]} "
+                f"instead of {expected[:12]}): publish again"
+            )
+    return True
 
 
 def _copy_in(source: Path, checkpoint: Path, destination: Path) -> bool:
@@ -92,13 +131,14 @@ def _copy_in(source: Path, checkpoint: Path, destination: Path) -> bool:
     return True
 
 
-def _already_there(existing: Path, wanted: str) -> bool:
-    if existing.is_file() and sha256_file(existing) == wanted:
-        return False
+def _already_there(existing: Path | str, wanted: str) -> bool:
     what = "other files"
-    if existing.is_file():
-        what = f"a different checkpoint (sha256 {sha256_file(existing)[:12]})"
+    if locations.exists(existing):
+        digest = locations.sha256(existing)
+        if digest == wanted:
+            return False
+        what = f"a different checkpoint (sha256 {digest[:12]})"
     raise CollectionError(
-        f"{existing.parent} already holds {what} under this name: the collection keeps one "
-        "checkpoint per name; remove that folder first if it should be replaced"
+        f"{locations.parent(existing)} already holds {what} under this name: the collection "
+        "keeps one checkpoint per name; remove that folder first if it should be replaced"
     )

@@ -24,6 +24,8 @@ from dalle_data.hashing import sha256_file
 MANIFEST = "manifest.json"
 VERIFY_RECORD = "verify.json"
 SAMPLE_FIELDS = ("jpg", "json", "tok.npy", "txt")
+TRAIN_SPLIT, EVAL_SPLIT = "train", "eval"
+SPLITS = (TRAIN_SPLIT, EVAL_SPLIT)
 
 
 class ManifestError(DalleDataError):
@@ -52,13 +54,17 @@ def write_manifest(
     shards: list[dict[str, Any]],
     counts: dict[str, Any],
     provenance: dict[str, Any] | None = None,
+    split: str = TRAIN_SPLIT,
 ) -> dict[str, Any]:
     """Check the accounting and write ``<shards_dir>/manifest.json`` atomically.
 
     ``tokenizer`` is the tokenizer's ``record()``; ``shards`` what ``write_shards``
     returned; ``counts`` holds ``input_rows``, ``dropped``, ``failed`` and ``written``;
-    ``provenance`` (source hashes, config hash, subset rule) is stored as given.
+    ``provenance`` (source hashes, config hash, subset rule) is stored as given; ``split``
+    is ``train`` or ``eval`` (the held-out split, which train-extend refuses).
     """
+    if split not in SPLITS:
+        raise ManifestError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     written = sum(s["samples"] for s in shards)
     if counts["written"] != written:
         raise ManifestError(
@@ -67,6 +73,7 @@ def write_manifest(
     check_counts(counts)
     manifest = {
         "dataset": dataset,
+        "split": split,
         "tokenizer": dict(tokenizer),
         "image_size": image_size,
         "shards": [{k: s[k] for k in ("name", "sha256", "samples", "bytes")} for s in shards],

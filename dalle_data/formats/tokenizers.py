@@ -13,11 +13,16 @@ import importlib.util
 import itertools
 import json
 import re
+import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ftfy
+import ftfy.badness
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import regex
 
 from dalle_data.config import tokenizer_file
@@ -28,6 +33,16 @@ ID_DTYPE = np.int32
 _CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 # Text ftfy and html.unescape return unchanged: printable ASCII, tab, CR, LF, no `&`.
 _ASCII_SAFE = re.compile(r"[\t\n\r\x20-\x25\x27-\x7e]*")
+# Characters that ftfy's fixers other than its mojibake repair change or act on: HTML
+# entities (and html.unescape), C0/C1 and other control characters, CR and line
+# separators, Latin ligatures, curly quotes, full/half width forms, surrogates.
+# tests/test_tokenizers.py checks every code point against each fixer.
+_FTFY_TOUCHES = re.compile(
+    "[&\x00-\x08\x0b\x0d-\x1f\x7f-\x9f\u0132\u0133\u0149\u01c4-\u01cc\u01f1-\u01f3"
+    "\u02bc\u2018-\u201f\u2028\u2029\u206a-\u206f\u3000\ud800-\udfff\ufb00-\ufb06"
+    "\ufeff\ufff9-\ufffc\uff01-\uffef]"
+)
+_FTFY_SEGMENT = ftfy.TextFixerConfig().max_decode_length  # longer lines are cut
 
 
 class TokenizerError(DalleDataError):
@@ -130,45 +145,148 @@ _CLIP_SPLIT = regex.compile(_CLIP_PATTERN, regex.IGNORECASE)
 _CLIP_SPACE = regex.compile(r"\s+")
 
 
+# Bytes as the reference's stand-in characters, for str.translate on latin-1 text.
+_BYTE_CHARS = {byte: ord(char) for byte, char in _bytes_to_unicode().items()}
+# No word contains "\n" (whitespace), so its stand-in separates words after mapping.
+_WORD_BREAK = chr(_BYTE_CHARS[ord("\n")])
+
+
 def _basic_clean(text: str) -> str:
-    text = ftfy.fix_text(text)
-    return html.unescape(html.unescape(text)).strip()
+    if _ftfy_may_change(text):
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return text.strip()
+
+
+def _ftfy_may_change(text: str) -> bool:
+    """False only where ftfy.fix_text and html.unescape return ``text`` unchanged (ftfy
+    costs tens of microseconds a caption): no character they act on, NFC already, and no
+    line (ftfy fixes line by line) that is not ASCII and looks like mojibake to ftfy."""
+    return (
+        len(text) > _FTFY_SEGMENT
+        or bool(_FTFY_TOUCHES.search(text))
+        or not unicodedata.is_normalized("NFC", text)
+        or any(not line.isascii() and ftfy.badness.is_bad(line) for line in _lines(text))
+    )
+
+
+def _lines(text: str) -> list[str]:
+    """``text`` cut after each "\\n", as ftfy.fix_text cuts it."""
+    parts = text.split("\n")
+    return [part + "\n" for part in parts[:-1]] + parts[-1:]
 
 
 def _whitespace_clean(text: str) -> str:
     return _CLIP_SPACE.sub(" ", text).strip()
 
 
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    """Where each of consecutive runs of ``lengths`` items starts."""
+    return np.cumsum(lengths) - lengths
+
+
+def _grown(array: np.ndarray, size: int) -> np.ndarray:
+    """``array``, or a copy at least twice as long where ``size`` items do not fit."""
+    if size <= len(array):
+        return array
+    out = np.zeros(max(size, 2 * len(array)), dtype=array.dtype)
+    out[: len(array)] = array
+    return out
+
+
+def _arrow_strings(texts: list[str]) -> pa.Array:
+    """``texts`` as an arrow array, built from their bytes (pa.array would import pandas)."""
+    sizes = [len(text) if text.isascii() else len(text.encode("utf-8")) for text in texts]
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    data = "".join(texts).encode("utf-8")
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    return pa.Array.from_buffers(pa.large_string(), len(texts), buffers)
+
+
+def _integers(array: pa.Array) -> np.ndarray:
+    """A null-free arrow integer array as a numpy view (to_numpy would import pandas)."""
+    data = array.buffers()[1]
+    values = np.frombuffer(data or b"", dtype=f"int{array.type.bit_width}")
+    return values[array.offset : array.offset + len(array)]
+
+
+class _IdCache:
+    """Token ids of distinct strings (caption chunks, or words), in flat growable arrays.
+
+    ``ids`` maps strings to cache indices, learning unseen ones with ``learn`` (distinct
+    strings -> each one's number of ids, and all their ids concatenated); ``gather`` then
+    concatenates the token ids of many indices with a few vectorized operations.
+    """
+
+    def __init__(self, learn: Callable[[list[str]], tuple[np.ndarray, np.ndarray]]) -> None:
+        self._learn = learn
+        self.index: dict[str, int] = {}
+        self._start = np.zeros(1024, dtype=np.int64)
+        self._length = np.zeros(1024, dtype=np.int64)
+        self._tokens = np.zeros(4096, dtype=ID_DTYPE)
+        self._used = 0  # items of _tokens
+
+    def add(self, keys: list[str], lengths: np.ndarray, tokens: np.ndarray) -> None:
+        first, count, used = len(self.index), len(keys), self._used
+        self.index.update(zip(keys, range(first, first + count), strict=True))
+        self._start = _grown(self._start, first + count)
+        self._length = _grown(self._length, first + count)
+        self._tokens = _grown(self._tokens, used + len(tokens))
+        self._start[first : first + count] = used + _starts(lengths)
+        self._length[first : first + count] = lengths
+        self._tokens[used : used + len(tokens)] = tokens
+        self._used += len(tokens)
+
+    def ids(self, keys: list[str]) -> np.ndarray:
+        get = self.index.get
+        ids = np.fromiter(map(get, keys, itertools.repeat(-1)), dtype=np.int64, count=len(keys))
+        missing = ids < 0
+        if missing.any():
+            unseen = list(itertools.compress(keys, missing.tolist()))
+            new = list(dict.fromkeys(unseen))
+            self.add(new, *self._learn(new))
+            learned = map(self.index.__getitem__, unseen)
+            ids[missing] = np.fromiter(learned, dtype=np.int64, count=len(unseen))
+        return ids
+
+    def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The token ids of cache indices ``ids`` concatenated, and how many each has."""
+        lengths = self._length[ids]
+        # Output position k of string j reads _tokens[start_j + k - (where j's run starts)].
+        shift = np.repeat(self._start[ids] - _starts(lengths), lengths)
+        return self._tokens[np.arange(len(shift)) + shift], lengths
+
+
 class SimpleTokenizer(Tokenizer):
     """DALLE-pytorch's ``SimpleTokenizer`` (OpenAI CLIP BPE, 49408 tokens), many times faster.
 
     The reference's regex never matches across whitespace, so a caption's ids are the
-    concatenation of the ids of its whitespace-separated chunks. Chunks repeat a lot
-    across captions, so each distinct chunk is tokenized once (the reference's split regex,
-    then a Rust BPE built from the reference's own vocabulary and merges) and its ids are
-    kept in a flat array; a batch is then a few vectorized gathers.
+    concatenation of the ids of its whitespace-separated chunks, and a chunk's ids those
+    of its regex words. Both repeat a lot across captions, so each distinct chunk is
+    split once (the reference's regex) and each distinct word goes once through a Rust
+    BPE built from the reference's own vocabulary and merges; their ids are kept in flat
+    arrays, and a batch is a few vectorized gathers.
 
     Getting the chunks costs the reference's clean-up (ftfy, html.unescape twice,
     whitespace collapse, lower-case), except for text of printable ASCII, tab, CR and LF
     without ``&``: ftfy and html.unescape return such text unchanged (a test checks it over
-    that alphabet), so its chunks are ``text.lower().split()``.
+    that alphabet), so its chunks are its lower-cased whitespace-separated pieces. Arrow
+    splits and deduplicates the chunks of a whole batch, so only distinct chunks meet Python.
 
-    So mostly-ASCII captions (cc12m, YFCC) tokenize 6-7x faster than the reference
+    So mostly-ASCII captions (cc12m, YFCC) tokenize many times faster than the reference
     (benchmarks/results/tokenize.md); captions that all need ftfy only about 2x. One
     process: forked workers measured no faster on 2 cores, neither for whole batches (each
-    must learn the same chunks again) nor for ftfy alone. Not thread-safe: the chunk cache
-    is updated in place.
+    must learn the same chunks again) nor for ftfy alone. Not thread-safe: the caches are
+    updated in place.
     """
 
     kind = "simple"
-    #: Distinct chunks kept; past this the cache starts over (bounded memory on huge corpora).
+    #: Distinct chunks kept; past this the caches start over (bounded memory on huge corpora).
     max_cached_chunks = 1_000_000
-    #: Captions per step: bounds the temporary lists of a large batch.
-    slice_size = 4096
+    #: Captions per step: bounds the temporary arrays of a large batch.
+    slice_size = 65536
 
     def __init__(self) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import pre_tokenizers
         from tokenizers.models import BPE
 
         self.spec = "simple"
@@ -177,84 +295,59 @@ class SimpleTokenizer(Tokenizer):
         content = _clip_bpe_path().read_bytes()
         self.fingerprint = _fingerprint(self.kind, content)
         encoder, merges = _clip_vocab(content.decode("utf-8"))
-        self._split = _CLIP_SPLIT
-        model = BPE(vocab=encoder, merges=merges, end_of_word_suffix="</w>")
-        self._bpe = HFTokenizer(model)
-        # Words arrive already split by the reference regex; each is one BPE word.
-        self._bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        # Words arrive split by the reference's regex and mapped to its byte stand-ins, so
+        # the BPE model alone (without a Tokenizer's pipeline around it) does the rest.
+        self._bpe = BPE(vocab=encoder, merges=merges, end_of_word_suffix="</w>")
         self._special_ids = {w: encoder[w] for w in _CLIP_SPECIALS}
         self._reset_cache()
 
     def _reset_cache(self) -> None:
-        self._chunk_index: dict[str, int] = {}
-        self._chunk_start = np.zeros(0, dtype=np.int64)
-        self._chunk_length = np.zeros(0, dtype=np.int64)
-        self._chunk_tokens = np.zeros(0, dtype=ID_DTYPE)
-
-    def _chunks(self, text: str) -> list[str]:
-        if _ASCII_SAFE.fullmatch(text):
-            return text.lower().split()
-        cleaned = _whitespace_clean(_basic_clean(text)).lower()
-        return cleaned.split(" ") if cleaned else []
-
-    def _learn(self, chunks: list[str]) -> None:
-        """Tokenize distinct new chunks the reference's way and append them to the cache."""
-        words = [self._split.findall(chunk) for chunk in chunks]
-        flat = list(itertools.chain.from_iterable(words))
+        self._words = _IdCache(self._encode_words)
         # A word equal to a special token string is that token (the reference's BPE cache
-        # says so); no regex word contains one without being equal to it. Such a word goes
-        # to the BPE as a one-token stand-in whose id is then overwritten.
-        specials = [(i, self._special_ids[w]) for i, w in enumerate(flat) if w in self._special_ids]
-        for i, _ in specials:
-            flat[i] = "a"
-        # One pre-tokenized sequence: each word is one BPE word, as in the reference, and
-        # one call avoids the per-sequence overhead of encode_batch.
-        encoding = self._bpe.encode(flat, is_pretokenized=True) if flat else None
-        tokens = np.asarray(encoding.ids if encoding else [], dtype=ID_DTYPE)
-        word_of_token = np.asarray(encoding.word_ids if encoding else [], dtype=np.int64)
-        per_word = np.bincount(word_of_token, minlength=len(flat))
-        word_start = np.cumsum(per_word) - per_word
-        for i, special_id in specials:
-            tokens[word_start[i]] = special_id
+        # says so); no regex word contains one without being equal to it.
+        specials = list(self._special_ids)
+        ones = np.ones(len(specials), dtype=np.int64)
+        self._words.add(specials, ones, np.asarray(list(self._special_ids.values())))
+        self._chunks = _IdCache(self._encode_chunks)
+
+    def _encode_words(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """BPE ids of distinct regex words (no special token among them)."""
+        joined = "\n".join(words).encode("utf-8").decode("latin-1").translate(_BYTE_CHARS)
+        pieces = list(map(self._bpe.tokenize, joined.split(_WORD_BREAK)))
+        lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        ids = [piece.id for piece in itertools.chain.from_iterable(pieces)]
+        return lengths, np.asarray(ids, dtype=ID_DTYPE)
+
+    def _encode_chunks(self, chunks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of distinct whitespace-free chunks: those of their regex words in order."""
+        words = [_CLIP_SPLIT.findall(chunk) for chunk in chunks]
+        flat = list(itertools.chain.from_iterable(words))
+        tokens, per_word = self._words.gather(self._words.ids(flat))
         words_per_chunk = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
         word_ends = np.concatenate([[0], np.cumsum(per_word)])
         chunk_word_ends = np.cumsum(words_per_chunk)
         lengths = word_ends[chunk_word_ends] - word_ends[chunk_word_ends - words_per_chunk]
-        first = len(self._chunk_index)
-        self._chunk_index.update(zip(chunks, range(first, first + len(chunks)), strict=True))
-        starts = len(self._chunk_tokens) + np.cumsum(lengths) - lengths
-        self._chunk_start = np.concatenate([self._chunk_start, starts])
-        self._chunk_length = np.concatenate([self._chunk_length, lengths])
-        self._chunk_tokens = np.concatenate([self._chunk_tokens, tokens])
-
-    def _chunk_ids(self, chunks: list[str]) -> np.ndarray:
-        get = self._chunk_index.get
-        ids = np.fromiter(map(get, chunks, itertools.repeat(-1)), dtype=np.int64, count=len(chunks))
-        missing = ids < 0
-        if missing.any():
-            unseen = list(itertools.compress(chunks, missing.tolist()))
-            self._learn(list(dict.fromkeys(unseen)))
-            learned = map(self._chunk_index.__getitem__, unseen)
-            ids[missing] = np.fromiter(learned, dtype=np.int64, count=len(unseen))
-        return ids
+        return lengths, tokens
 
     def _encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All ids of ``texts`` in one array, and where each text's ids end."""
-        if len(self._chunk_index) > self.max_cached_chunks:
+        if len(self._chunks.index) > self.max_cached_chunks:
             self._reset_cache()
-        chunks: list[str] = []
-        per_text: list[int] = []
-        for text in texts:
-            pieces = self._chunks(text)
-            chunks.extend(pieces)
-            per_text.append(len(pieces))
-        ids = self._chunk_ids(chunks)
-        lengths = self._chunk_length[ids]
-        ends = np.cumsum(lengths)
-        # Output position k of chunk j reads _chunk_tokens[start_j + k - (end_j - length_j)].
-        shift = np.repeat(self._chunk_start[ids] - (ends - lengths), lengths)
-        tokens = self._chunk_tokens[np.arange(len(shift)) + shift]
-        return tokens, np.concatenate([[0], ends])[np.cumsum(per_text, dtype=np.int64)]
+        # Texts outside the ASCII fast path are cleaned the reference's way: single spaces
+        # between chunks, none at the ends, lower-case (ascii_lower then changes nothing).
+        cleaned = [
+            text if _ASCII_SAFE.fullmatch(text) else _whitespace_clean(_basic_clean(text)).lower()
+            for text in texts
+        ]
+        # Arrow's ASCII whitespace is Python's except \x1c-\x1f, which only cleaned text
+        # holds, and the reference does not split at. Runs of it at the ends, and empty
+        # texts, give "" chunks: no ids.
+        pieces = pc.ascii_split_whitespace(pc.ascii_lower(_arrow_strings(cleaned)))
+        distinct = pieces.flatten().dictionary_encode()
+        ids = self._chunks.ids(distinct.dictionary.to_pylist())
+        tokens, lengths = self._chunks.gather(ids[_integers(distinct.indices)])
+        chunk_ends = np.concatenate([[0], np.cumsum(lengths)])
+        return tokens, chunk_ends[_integers(pieces.offsets)[1:]]
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         _check_texts(texts)

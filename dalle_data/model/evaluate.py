@@ -101,10 +101,12 @@ def load_eval_set(path: str | os.PathLike[str]) -> EvalSet:
 
 def find_eval_split(shards_dirs: Sequence[Path | str]) -> Path | str | None:
     """The held-out split beside training shards: ``<ds>/eval`` next to ``<ds>/shards``
-    (folders or bucket URLs)."""
+    (folders or bucket URLs); None when there is none, or it is empty (eval_fraction too
+    small for the dataset)."""
     for shards in shards_dirs:
         candidate = locations.join(locations.parent(shards), EVAL_SPLIT_DIR)
-        if locations.exists(locations.join(candidate, MANIFEST)):
+        manifest = locations.join(candidate, MANIFEST)
+        if locations.exists(manifest) and read_manifest(candidate)["counts"]["written"]:
             return candidate
     return None
 

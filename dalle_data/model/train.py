@@ -27,6 +27,7 @@ from dalle_data import locations
 from dalle_data.atomic import atomic_path, write_json
 from dalle_data.errors import TrainError
 from dalle_data.formats.manifest import (
+    EVAL_SPLIT,
     MANIFEST,
     ManifestError,
     read_manifest,
@@ -101,6 +102,12 @@ def load_shard_set(dirs: Sequence[Path | str], *, skip_corrupt: bool) -> ShardSe
     if not dirs:
         raise TrainError("no --shards folder given: pass the folder holding manifest.json")
     manifests = [(locations.normalize(d), read_manifest(d)) for d in dirs]
+    held_out = [str(d) for d, m in manifests if m.get("split") == EVAL_SPLIT]
+    if held_out:
+        raise TrainError(
+            f"{', '.join(held_out)} is a held-out eval split (manifest.json says split: eval): "
+            "train on the dataset's shards/ folder and keep eval/ for `dalle-data evaluate`"
+        )
     datasets = sorted({m["dataset"] for _, m in manifests})
     if len(datasets) > 1:
         raise TrainError(

@@ -2,10 +2,12 @@
 
 Everything here is derived from ``manifest.json``, ``index.parquet`` (per-sample caption
 length and original size, written by finalize so the card never re-reads every image),
-the first shard (for the contact sheet) and, for the download's retry rounds (run facts),
-``build.json``. The PNGs are drawn with Pillow in a few tens of milliseconds (matplotlib's
-import and layout took about two seconds of every build) and carry no metadata, so the
-same shards give the same pictures.
+the first shard (for the contact sheet), for the download's retry rounds (run facts)
+``build.json``, and, for the duplicates section, both shard sets' ``failures.parquet``
+(which key each duplicate matched) and ``duplicate_examples.parquet`` (a few pairs with
+both images) and the eval split's manifest. The PNGs are drawn with Pillow in a few tens
+of milliseconds (matplotlib's import and layout took about two seconds of every build) and
+carry no metadata, so the same shards give the same pictures.
 """
 
 from __future__ import annotations
@@ -23,13 +25,18 @@ from dalle_data.atomic import atomic_open, atomic_path
 from dalle_data.formats.manifest import read_manifest
 from dalle_data.formats.webdataset import read_shard
 from dalle_data.pipeline.failures import RETRYABLE, meaning
-from dalle_data.pipeline.finalize import BUILD_RECORD, INDEX
+from dalle_data.pipeline.finalize import BUILD_RECORD, EXAMPLES, FAILURES, INDEX, SPLIT_DIRS
 
 CARD = "README.md"
 CONTACT_SHEET = "contact_sheet.png"
 CAPTION_LENGTHS = "caption_lengths.png"
 IMAGE_SIZES = "image_sizes.png"
+DUPLICATES = "duplicates.png"
 SHEET_SAMPLES = 16
+DUPLICATE_MEANINGS = {
+    "duplicate_image": "repeats an earlier kept key of the same split",
+    "eval_duplicate": "a training row showing an image of the eval split",
+}
 
 
 def write_card(shards_dir: Path) -> Path:
@@ -60,12 +67,109 @@ def write_card(shards_dir: Path) -> Path:
         f"{manifest['dataset']}: image sizes",
         shards_dir / IMAGE_SIZES,
     )
+    folders = _split_folders(shards_dir)
+    _duplicate_pairs(folders, shards_dir / DUPLICATES)
     build_path = shards_dir / BUILD_RECORD
     build = json.loads(build_path.read_text(encoding="utf-8")) if build_path.is_file() else {}
     path = shards_dir / CARD
     with atomic_open(path, "w", encoding="utf-8") as fh:
-        fh.write(_markdown(manifest, build.get("retry_rounds")))
+        fh.write(_markdown(manifest, build.get("retry_rounds")) + _duplicates_markdown(folders))
     return path
+
+
+def _split_folders(shards_dir: Path) -> dict[str, Path]:
+    """The dataset's shard sets that exist: ``train`` (this folder) and ``eval`` beside it."""
+    folders = {"train": shards_dir}
+    eval_dir = shards_dir.parent / SPLIT_DIRS["eval"]
+    if (eval_dir / "manifest.json").is_file():
+        folders["eval"] = eval_dir
+    return folders
+
+
+def _duplicates_markdown(folders: dict[str, Path]) -> str:
+    """Eval split size, and exact and near duplicates removed, per split and reason."""
+    lines = ["## Held-out split and duplicates", ""]
+    if "eval" in folders:
+        held = read_manifest(folders["eval"])
+        lines += [
+            f"The eval split `../eval/` holds {held['counts']['written']} samples in "
+            f"{len(held['shards'])} shards (manifest `split: eval`; of "
+            f"{held['counts']['input_rows']} rows held out); no training row shows one of "
+            "its images. `train-extend` refuses it; `dalle-data evaluate` scores on it.",
+            "",
+        ]
+    rule = read_manifest(folders["train"]).get("provenance", {}).get("dedup", {})
+    if rule:
+        compared = (
+            f"pHash `{rule['hash']}` within Hamming distance {rule['max_distance']}"
+            if rule.get("max_distance") is not None
+            else "sha256 of the source bytes (exact copies only)"
+        )
+        against = ", ".join(rule.get("against", {})) or "no other dataset"
+        lines += [f"Images were compared by {compared}, against {against}.", ""]
+    lines += [
+        "| split | reason | exact copies | near duplicates | meaning |",
+        "|---|---|---:|---:|---|",
+    ]
+    for split, folder in folders.items():
+        path = folder / FAILURES
+        if not path.is_file():
+            continue
+        table = pq.read_table(path).to_pydict()
+        counts: dict[str, list[int]] = {}
+        for reason, exact in zip(table["reason"], table.get("exact", []), strict=False):
+            if exact is not None:
+                counts.setdefault(reason, [0, 0])[0 if exact else 1] += 1
+        for reason, (exact, near) in sorted(counts.items()):
+            meaning = DUPLICATE_MEANINGS.get(
+                reason, f"shows an image of {reason.removeprefix('duplicate_of_')}"
+            )
+            lines.append(f"| {split} | {reason} | {exact} | {near} | {meaning} |")
+    lines += [
+        "",
+        "Each duplicate, with the key it matched, is in `failures.parquet`. Some pairs "
+        "(removed image left, the image it matched right):",
+        "",
+        f"![duplicate pairs]({DUPLICATES})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _duplicate_pairs(folders: dict[str, Path], path: Path) -> None:
+    """The example pairs of every split side by side, each beside what it matched."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    pairs = []
+    for split, folder in folders.items():
+        examples = folder / EXAMPLES
+        if examples.is_file():
+            pairs += [(split, row) for row in pq.read_table(examples).to_pylist()]
+    cell, margin, text_height, width = 128, 8, 30, 2 * 128 + 3 * 8 + 260
+    height = 32 + max(1, len(pairs)) * (cell + margin)
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((width // 2, 8), "duplicates removed", fill="black", font=_font(16), anchor="mt")
+    font = _font(11)
+    for i, (split, row) in enumerate(pairs):
+        y = 32 + i * (cell + margin)
+        for column, data in enumerate((row["jpg"], row["matched_jpg"])):
+            if data:
+                image = ImageOps.contain(Image.open(io.BytesIO(data)).convert("RGB"), (cell, cell))
+                sheet.paste(image, (margin + column * (cell + margin), y))
+        kind = "exact copy" if row["exact"] else f"Hamming {row['distance']}"
+        text = (
+            f"{split} {row['key']}\n{row['reason']} ({kind})\nof {row['matched_dataset']} "
+            f"{row['matched_split']}\n{row['matched_key']}"
+        )
+        draw.multiline_text(
+            (2 * (cell + margin) + margin, y + text_height), text, fill="black", font=font
+        )
+    if not pairs:
+        draw.text(
+            (width // 2, height // 2 + 10), "none found", fill="black", font=font, anchor="mm"
+        )
+    _save(sheet, path)
 
 
 def _markdown(manifest: dict[str, Any], rounds: dict[str, Any] | None) -> str:

@@ -1,9 +1,8 @@
-"""Image download with img2dataset: a plan of independent parts, one img2dataset run per part.
+"""One download part through img2dataset, in a process of its own.
 
-A part is the unit of work a cluster schedules and a failure reruns. A finished part is
-renamed into place (``downloaded/part-NNNNN/``) only after every img2dataset shard in it
-has its ``_stats.json``; an interrupted part resumes from its ``.partial`` folder, where
-img2dataset's incremental mode skips the shards that finished.
+A finished part is renamed into place (``downloaded/part-NNNNN/``) only after every
+img2dataset shard in it has its ``_stats.json``; an interrupted part resumes from its
+``.partial`` folder, where img2dataset's incremental mode skips the shards that finished.
 """
 
 from __future__ import annotations
@@ -21,13 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dalle_data.atomic import atomic_path, write_json
 from dalle_data.compat import for_img2dataset, img2dataset_fetch
-from dalle_data.errors import DalleDataError
-from dalle_data.pipeline.failures import failure_reason
+from dalle_data.pipeline.download_plan import DownloadError
 from dalle_data.pipeline.hosts import Fetch, host_order, user_agent
 
 # Pillow refuses images above 2 x 89,478,485 px and warns above 89,478,485 (its
@@ -45,112 +42,12 @@ os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(MAX_IMAGE_PIXELS)
 # Other C libraries ignore the variable; a GLIBC_TUNABLES the user set wins.
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=134217728"
 
-PLAN = "plan.json"
 # Not *.json: img2dataset takes every JSON file in its output folder for a shard's stats.
 PARAMS = "dalle_data.params"
 # The params key saying how img2dataset's input was ordered: it decides which rows share
 # an img2dataset shard, never what is downloaded, so it stays out of the manifest.
 INPUT_ORDER = "input_order"
-REFUSED = "refused.parquet"
-PART_COLUMNS = ["row_id", "url", "caption", "license"]
 MAX_SAMPLES_PER_SHARD = 10_000
-WEB_SCHEMES = ("http://", "https://")
-
-
-class DownloadError(DalleDataError):
-    """A download input or outcome a user must act on; the message names it and the fix."""
-
-
-def part_name(index: int) -> str:
-    """`part-NNNNN`, the name of a download part (its parquet and its output folder)."""
-    return f"part-{index:05d}"
-
-
-def plan_download(
-    filtered: Path, plan_dir: Path, *, rows_per_part: int, allow_file_urls: bool
-) -> dict[str, Any]:
-    """Split ``filtered.parquet`` into parts of ``rows_per_part`` rows under ``plan_dir``.
-
-    Rows whose URL is not http(s) are refused here unless ``allow_file_urls`` (the filter
-    stage drops them already; this keeps a web dataset from reading local files even if a
-    hand-made metadata table slips through). They are kept in ``refused.parquet`` and
-    counted under ``file_url_refused``.
-    """
-    if rows_per_part < 1:
-        raise DownloadError(f"download.rows_per_part must be at least 1, got {rows_per_part}")
-    try:
-        source = pq.ParquetFile(filtered)
-    except (FileNotFoundError, pa.ArrowInvalid) as err:
-        raise DownloadError(f"cannot read {filtered} ({err}): run the filter stage first") from None
-    missing = [c for c in PART_COLUMNS if c not in source.schema_arrow.names]
-    if missing:
-        raise DownloadError(f"{filtered} lacks columns {missing}: rebuild it with the filter stage")
-    parts_dir = plan_dir / "parts"
-    if parts_dir.exists():
-        shutil.rmtree(parts_dir)
-    parts_dir.mkdir(parents=True)
-    parts: list[dict[str, Any]] = []
-    refused: list[pa.Table] = []
-    pending: list[pa.Table] = []
-    pending_rows = rows = 0
-    previous = -1
-
-    def flush(table: pa.Table) -> None:
-        name = part_name(len(parts))
-        with atomic_path(parts_dir / f"{name}.parquet") as tmp:
-            pq.write_table(table, tmp)
-        parts.append({"name": name, "rows": table.num_rows})
-
-    for batch in source.iter_batches(columns=PART_COLUMNS, batch_size=65_536):
-        table = pa.Table.from_batches([batch])
-        ids = table.column("row_id").to_pylist()
-        if ids and (ids[0] <= previous or any(b <= a for a, b in zip(ids, ids[1:], strict=False))):
-            raise DownloadError(
-                f"{filtered} is not sorted by unique row_id: rebuild it with the filter stage"
-            )
-        previous = ids[-1] if ids else previous
-        rows += table.num_rows
-        if not allow_file_urls:
-            web = pa.array(
-                [
-                    isinstance(u, str) and u.startswith(WEB_SCHEMES)
-                    for u in table.column("url").to_pylist()
-                ]
-            )
-            refused.append(table.filter(pa.compute.invert(web)).select(["row_id", "url"]))
-            table = table.filter(web)
-        pending.append(table)
-        pending_rows += table.num_rows
-        while pending_rows >= rows_per_part:
-            merged = pa.concat_tables(pending)
-            flush(merged.slice(0, rows_per_part))
-            rest = merged.slice(rows_per_part)
-            pending, pending_rows = [rest], rest.num_rows
-    if pending_rows:
-        flush(pa.concat_tables(pending))
-    refused_table = (
-        pa.concat_tables(refused)
-        if refused
-        else pa.table({"row_id": pa.array([], pa.int64()), "url": pa.array([], pa.string())})
-    )
-    with atomic_path(plan_dir / REFUSED) as tmp:
-        pq.write_table(refused_table, tmp)
-    plan = {
-        "input_rows": rows,
-        "parts": parts,
-        "refused": {"file_url_refused": refused_table.num_rows} if refused_table.num_rows else {},
-        "rows_per_part": rows_per_part,
-    }
-    write_json(plan_dir / PLAN, plan)
-    return plan
-
-
-def read_plan(plan_dir: Path) -> dict[str, Any]:
-    """Load ``plan.json`` written by :func:`plan_download`."""
-    path = plan_dir / PLAN
-    if not path.is_file():
-        raise DownloadError(f"{path} does not exist: run `dalle-data plan-download` first")
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 @dataclass(frozen=True)
@@ -382,48 +279,3 @@ def _run_img2dataset(options: dict[str, Any], settings: DownloadSettings, fetch:
 
     with spark_session(settings), img2dataset_fetch(fetch):
         img2dataset.download(**options)
-
-
-@dataclass(frozen=True)
-class RowResult:
-    """img2dataset's outcome for one row of a part."""
-
-    row_id: int
-    ok: bool
-    reason: str | None
-    error: str | None
-    shard: str | None
-    key: str | None
-    sha256: str | None
-    original_width: int | None
-    original_height: int | None
-
-
-def read_part_results(part_dir: Path) -> dict[int, RowResult]:
-    """Per row_id, what img2dataset recorded in a finished part's ``*.parquet`` files."""
-    results: dict[int, RowResult] = {}
-    columns = [
-        "row_id",
-        "key",
-        "status",
-        "error_message",
-        "sha256",
-        "original_width",
-        "original_height",
-    ]
-    for path in sorted(part_dir.glob("*.parquet")):
-        table = pq.read_table(path, columns=columns).to_pylist()
-        for row in table:
-            ok = row["status"] == "success"
-            results[row["row_id"]] = RowResult(
-                row_id=row["row_id"],
-                ok=ok,
-                reason=None if ok else failure_reason(row["error_message"]),
-                error=None if ok else row["error_message"],
-                shard=path.with_suffix(".tar").name,
-                key=row["key"],
-                sha256=row["sha256"],
-                original_width=row["original_width"],
-                original_height=row["original_height"],
-            )
-    return results

@@ -2,7 +2,8 @@
 
 http(s) URLs download to ``<name>.part`` and resume with an HTTP Range request after an
 interruption; the file gets its final name only when complete. Local paths and ``file://``
-URLs are symlinked, never copied (sources reach tens of GB). ``raw/fetch.json`` records the
+URLs are symlinked, never copied (sources reach tens of GB); a local folder (the
+``folder`` format) is linked whole and hashed as a tree. ``raw/fetch.json`` records the
 sha256 and size of every file, which normalize and the manifest cite.
 """
 
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from dalle_data import atomic
 from dalle_data.errors import DalleDataError
-from dalle_data.hashing import sha256_file
+from dalle_data.hashing import sha256_file, sha256_tree
 
 CHUNK = 1 << 20
 USER_AGENT = "dalle-data (+https://github.com/rom1504/img2dataset)"
@@ -83,6 +84,7 @@ def fetch(
     for item in wanted:
         dest = raw_dir / item.name
         linked = fetch_one(item.source, dest, timeout=timeout)
+        digest, size = sha256_tree(dest) if dest.is_dir() else (sha256_file(dest), None)
         files.append(
             {
                 "name": item.name,
@@ -90,8 +92,8 @@ def fetch(
                 "role": item.role,
                 "source": item.source,
                 "linked": linked,
-                "bytes": dest.stat().st_size,
-                "sha256": sha256_file(dest),
+                "bytes": dest.stat().st_size if size is None else size,
+                "sha256": digest,
             }
         )
     record = {"files": files}
@@ -100,7 +102,7 @@ def fetch(
 
 
 def fetch_one(source: str, dest: Path, *, timeout: float = 60.0) -> bool:
-    """Put ``source`` at ``dest``; True when it is a link to a local file."""
+    """Put ``source`` at ``dest``; True when it is a link to a local file or folder."""
     if re.match(r"^(?i:https?)://", source):
         if not dest.exists() or dest.is_symlink():
             download(source, dest, timeout=timeout)
@@ -109,7 +111,7 @@ def fetch_one(source: str, dest: Path, *, timeout: float = 60.0) -> bool:
     if source.lower().startswith("file://"):
         path = urllib.request.url2pathname(urllib.parse.urlparse(source).path)
     target = Path(path).resolve()
-    if not target.is_file():
+    if not (target.is_file() or target.is_dir()):
         raise FetchError(f"source file {path} does not exist: check datasets.<name>.source")
     if dest.is_symlink() or dest.exists():
         if dest.is_symlink() and Path(os.readlink(dest)) == target:

@@ -1,7 +1,8 @@
 """The filter stage: normalized.parquet -> filtered.parquet + dropped.parquet.
 
-Order: subset, url_scheme, duplicate_url (first row_id wins among valid URLs), then caption
-cleaning, empty_caption, caption_length, blocklist. Two passes keep memory bounded: the
+Order: subset, url_scheme, duplicate_url (first row_id wins among valid URLs), then
+min_values/max_values (bounds on a table source's numeric columns), caption cleaning,
+empty_caption, caption_length, blocklist. Two passes keep memory bounded: the
 first reads only row ids and URLs and applies the URL filters; the second cleans captions
 (in worker processes when there are several batches), applies the caption filters and
 writes every row to one of the outputs.
@@ -16,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from dalle_data.pipeline.filters import (
     FilterError,
     SubsetFilter,
     UrlSchemeFilter,
+    ValueBoundFilter,
     choose_subset,
 )
 from dalle_data.pipeline.malloc import keep_freed_memory
@@ -54,6 +56,9 @@ class FilterOptions:
     min_words: int = 1
     max_words: int = 200
     blocklist: tuple[str, ...] = ()
+    # Bounds on a table source's numeric columns (datasets.<name>.min_values/max_values).
+    min_values: dict[str, float] = field(default_factory=dict)
+    max_values: dict[str, float] = field(default_factory=dict)
     # Processes cleaning captions; 0 = every core this process may use.
     workers: int = 0
 
@@ -82,6 +87,11 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
         UrlSchemeFilter(allow_file_urls=options.allow_file_urls),
     ]
     caption_units: list[Filter] = [
+        ValueBoundFilter(bounds, minimum=minimum)
+        for bounds, minimum in ((options.min_values, True), (options.max_values, False))
+        if bounds
+    ]
+    caption_units += [
         EmptyCaptionFilter(),
         CaptionLengthFilter(min_words=options.min_words, max_words=options.max_words),
     ]
@@ -129,6 +139,11 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
         "min_words": options.min_words,
         "max_words": options.max_words,
         "blocklist": sorted(w.strip() for w in options.blocklist if w.strip()),
+    }
+    settings |= {
+        key: dict(sorted(bounds.items()))
+        for key, bounds in (("min_values", options.min_values), ("max_values", options.max_values))
+        if bounds
     }
     record = {
         "input_rows": source.metadata.num_rows,

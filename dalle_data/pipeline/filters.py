@@ -179,6 +179,25 @@ class BlocklistFilter(Filter):
         return pc.invert(pc.match_substring_regex(rows.column("caption"), self.pattern))
 
 
+class ValueBoundFilter(Filter):
+    """Rows whose numeric columns (a table source's ``values``) reach the bounds: at least
+    ``min_values`` (name ``min_values``) or at most ``max_values`` (``max_values``). A row
+    without the value does not reach the bound."""
+
+    def __init__(self, bounds: dict[str, float], *, minimum: bool) -> None:
+        self.name = "min_values" if minimum else "max_values"
+        self.bounds, self.minimum = dict(bounds), minimum
+
+    def keep(self, rows: pa.Table) -> pa.Array:
+        values = rows.column("values").combine_chunks()
+        keep = np.ones(rows.num_rows, dtype=bool)
+        for column, bound in self.bounds.items():
+            value = pc.map_lookup(values, pa.scalar(column), "first")
+            ok = pc.greater_equal(value, bound) if self.minimum else pc.less_equal(value, bound)
+            keep &= pc.fill_null(ok, False).to_numpy(zero_copy_only=False)
+        return pa.array(keep)
+
+
 class DuplicateUrlFilter(Filter):
     """The first row (by row_id) of each URL wins; later rows with that URL are dropped.
 

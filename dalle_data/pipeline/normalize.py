@@ -7,6 +7,7 @@ dropped to ``normalize_dropped.parquet`` (filter merges them into dropped.parque
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -54,19 +55,13 @@ def source_files(raw_dir: Path) -> tuple[list[SourceFile], Path | None, list[dic
 
 
 def normalize(
-    fmt: str,
-    raw_dir: Path,
-    metadata_dir: Path,
-    *,
-    languages: list[str] | None = None,
-    licenses: list[str] | None = None,
+    fmt: str, raw_dir: Path, metadata_dir: Path, options: Options | None = None
 ) -> dict[str, Any]:
     """Normalize every fetched source file of one dataset; returns the normalize.json record."""
     start = time.perf_counter()
     read = adapter(fmt)
     files, subset, entries = source_files(raw_dir)
-    options = Options(languages=list(languages or ["en"]), licenses=list(licenses or []))
-    options.subset = subset
+    options = dataclasses.replace(options or Options(), subset=subset)
     input_rows = 0
     dropped: Counter[str] = Counter()
     output_rows = 0
@@ -102,7 +97,8 @@ def normalize(
             _sort_by_row_id(unsorted, out_tmp, already_sorted=in_order)
         finally:
             unsorted.unlink(missing_ok=True)
-    options_record = {"format": fmt, "languages": options.languages, "licenses": options.licenses}
+    # The subset file is cited by its sha256 in `sources`, not by its machine-dependent path.
+    options_record = {"format": fmt} | {k: v for k, v in options.record().items() if k != "subset"}
     record = {
         "format": fmt,
         "input_rows": input_rows,

@@ -29,13 +29,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dalle_data.atomic import atomic_path, write_json
-from dalle_data.pipeline.download import (
-    DownloadError,
-    DownloadSettings,
-    RowResult,
-    download_part,
-    read_part_results,
-)
+from dalle_data.pipeline.download import DownloadSettings, download_part
+from dalle_data.pipeline.download_plan import DownloadError
+from dalle_data.pipeline.download_results import RowResult, read_part_results
 from dalle_data.pipeline.failures import RETRYABLE, retry_after
 
 ROUNDS = "rounds"

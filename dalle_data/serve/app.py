@@ -49,7 +49,7 @@ FRONT_END = "https://rom1504.github.io/dalle-service/"
 class Settings:
     """``dalle-data serve``'s options."""
 
-    root: Path
+    root: Path | str
     host: str = "127.0.0.1"
     port: int = 8000
     max_images: int = 8
@@ -57,6 +57,7 @@ class Settings:
     max_loaded: int = 2
     queue: int = 16
     vqgan: VqganFiles = field(default_factory=VqganFiles)
+    cache_dir: Path | None = None  # a bucket ROOT's mirror (see collection.mirror)
 
     def check(self) -> None:
         if self.max_images < 1:
@@ -81,7 +82,7 @@ class DalleRequest(BaseModel):
 def create_app(settings: Settings, *, devices: list[str] | None = None) -> FastAPI:
     """The app for ``settings.root``; models load on first use, on ``devices``."""
     settings.check()
-    catalog = Catalog.open(settings.root)
+    catalog = Catalog.open(settings.root, cache_dir=settings.cache_dir)
     generator = Generator(
         devices=devices or _devices(),
         capacity=settings.queue,

@@ -3,6 +3,11 @@
 Everything comes from ``ROOT/index.json`` (built by ``dalle-data collection`` when missing).
 Request data only ever *selects* from the tables built here at start-up: a model by its
 name, a file of its folder by the names found there. No path is built from a request.
+
+A bucket or HTTP ROOT is served from its mirror (:mod:`dalle_data.collection.mirror`'s
+folder): index.json, lineage.png and each model's card and samples named in the index are
+fetched at start-up; a checkpoint when its model is first loaded, sha256-checked against
+the index. Nothing is listed, so a read-only http(s) collection with an index.json serves.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dalle_data import locations
 from dalle_data.errors import DalleDataError
+from dalle_data.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -41,31 +48,69 @@ class Entry:
     checkpoint: Path
     record: dict[str, Any]
     files: dict[str, Path] = field(default_factory=dict)
+    source: str | None = None  # the checkpoint's URL in a bucket collection
 
     @property
     def card(self) -> Path | None:
         return self.files.get("README.md")
 
+    def fetch(self) -> Path:
+        """The local checkpoint; from a bucket, downloaded first (a copy already there is
+        kept if its sha256 is the index's), refused if its bytes are not the indexed ones."""
+        wanted = self.record.get("sha256")
+        if self.source is None or (
+            self.checkpoint.is_file() and sha256_file(self.checkpoint) == wanted
+        ):
+            return self.checkpoint
+        log.info("fetching %s", self.source)
+        digest = locations.download(self.source, self.checkpoint)
+        if digest != wanted:
+            self.checkpoint.unlink(missing_ok=True)
+            raise ServeError(
+                f"{self.source} has sha256 {digest[:12]}, index.json says {str(wanted)[:12]}: "
+                "the collection changed since it was indexed; run `dalle-data collection` on it"
+            )
+        return self.checkpoint
+
+    def beside(self, file_name: str) -> Path | None:
+        """A file of the checkpoint's folder (fetched from a bucket), or None."""
+        local = self.checkpoint.parent / file_name
+        if not local.is_file() and self.source is not None:
+            try:
+                locations.download(locations.join(locations.parent(self.source), file_name), local)
+            except locations.LocationError:
+                return None
+        return local if local.is_file() else None
+
 
 @dataclass(frozen=True)
 class Catalog:
-    """The collection at ``root`` as the server sees it."""
+    """The collection at ``location`` as the server sees it, from the local ``root``
+    (the folder itself, or a bucket's mirror)."""
 
     root: Path
     entries: dict[str, Entry]
     skipped: list[str]
+    location: Path | str
 
     @classmethod
-    def open(cls, root: Path) -> Catalog:
-        """Read ``root/index.json`` (building it first if missing) into servable entries."""
-        root = Path(root)
-        if not root.is_dir():
-            raise ServeError(f"collection {root} is not a folder: pass the collection's root")
-        index = _read_index(root)
+    def open(cls, location: Path | str, *, cache_dir: Path | None = None) -> Catalog:
+        """Read ``index.json`` (building it first if missing) into servable entries."""
+        target = locations.normalize(location)
+        if isinstance(target, Path):
+            root = target
+            if not root.is_dir():
+                raise ServeError(f"collection {root} is not a folder: pass the collection's root")
+        else:
+            from dalle_data.collection.mirror import mirror_dir
+
+            root = mirror_dir(target, cache_dir)
+            root.mkdir(parents=True, exist_ok=True)
+        index = _read_index(target, cache_dir)
         entries: dict[str, Entry] = {}
         skipped: list[str] = []
         for position, record in enumerate(index):
-            entry, why = _entry(root, record)
+            entry, why = _entry(root, record, None if isinstance(target, Path) else target)
             if entry is None:
                 skipped.append(f"index.json checkpoint {position}: {why}")
             elif entry.name in entries:
@@ -77,7 +122,9 @@ class Catalog:
                 entries[entry.name] = entry
         for line in skipped:
             log.warning("not served: %s", line)
-        return cls(root=root, entries=entries, skipped=skipped)
+        if not isinstance(target, Path):
+            _fetch_optional(locations.join(target, "lineage.png"), root / "lineage.png")
+        return cls(root=root, entries=entries, skipped=skipped, location=target)
 
     @property
     def lineage_picture(self) -> Path | None:
@@ -96,7 +143,7 @@ class Catalog:
             for name, entry in self.entries.items()
         ]
         return {
-            "root": self.root.name,
+            "root": locations.name(self.location),
             "models": models,
             "leaderboards": leaderboards(entry.record for entry in self.entries.values()),
             "lineage_picture": self.lineage_picture is not None,
@@ -148,12 +195,12 @@ def render_card(entry: Entry, file_url: Callable[[str], str]) -> str:
     return str(md.renderer.render(tokens, md.options, {}))
 
 
-def _read_index(root: Path) -> list[Any]:
-    path = root / "index.json"
-    if not path.is_file():
-        _build_index(root)
+def _read_index(root: Path | str, cache_dir: Path | None) -> list[Any]:
+    path = locations.join(root, "index.json")
+    if not locations.exists(path):
+        _build_index(root, cache_dir)
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
+        index = json.loads(locations.read_bytes(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ServeError(
             f"{path} is not readable JSON ({err}): rebuild it with `dalle-data collection {root}`"
@@ -166,7 +213,12 @@ def _read_index(root: Path) -> list[Any]:
     return checkpoints
 
 
-def _build_index(root: Path) -> None:
+def _build_index(root: Path | str, cache_dir: Path | None) -> None:
+    if locations.scheme(root) in locations.READ_ONLY:
+        raise ServeError(
+            f"{root} has no index.json and an http(s) collection cannot be indexed in place: "
+            "run `dalle-data collection` where it is stored (a folder or a bucket)"
+        )
     try:
         from dalle_data.collection.index import write_index
     except ModuleNotFoundError as err:
@@ -177,11 +229,12 @@ def _build_index(root: Path) -> None:
             f"run `dalle-data collection {root}` first"
         ) from None
     log.info("%s has no index.json: indexing the collection first", root)
-    write_index(root)
+    write_index(root, cache_dir=cache_dir)
 
 
-def _entry(root: Path, record: Any) -> tuple[Entry | None, str]:
-    """The entry for one index record, or None and why it cannot be served."""
+def _entry(root: Path, record: Any, source: str | None) -> tuple[Entry | None, str]:
+    """The entry for one index record, or None and why it cannot be served; ``source``:
+    the collection's URL when ``root`` is its mirror."""
     if not isinstance(record, dict):
         return None, f"not an object ({type(record).__name__})"
     name, relative = record.get("name"), record.get("path")
@@ -195,9 +248,38 @@ def _entry(root: Path, record: Any) -> tuple[Entry | None, str]:
     checkpoint = Path(os.path.normpath(base / relative))
     if Path(relative).is_absolute() or not checkpoint.is_relative_to(base):
         return None, f"{name}: path {relative!r} leads outside the collection"
+    if source is not None:
+        url = locations.join(source, *checkpoint.relative_to(base).parts)
+        files = _remote_files(source, base, checkpoint)
+        return Entry(name, checkpoint, record, files, source=str(url)), ""
     if not checkpoint.is_file():
         return None, f"{name}: {relative} does not exist (re-index the collection)"
     return Entry(name=name, checkpoint=checkpoint, record=record, files=_own_files(checkpoint)), ""
+
+
+def _remote_files(source: str, root: Path, checkpoint: Path) -> dict[str, Path]:
+    """The card and samples of a ``<family>/<name>/`` folder, fetched into the mirror (a
+    bucket folder is not listed: http(s) cannot list; the layout names the files)."""
+    if checkpoint.parent.name != checkpoint.stem:
+        return {}
+    folder = checkpoint.parent.relative_to(root).as_posix()
+    files = {}
+    for file_name in ("README.md", "samples.png"):
+        local = checkpoint.parent / file_name
+        if _fetch_optional(locations.join(source, folder, file_name), local):
+            files[file_name] = local
+    return files
+
+
+def _fetch_optional(url: str | Path, local: Path) -> bool:
+    """Download ``url`` to ``local``; when it is missing, drop a stale ``local`` (False)."""
+    try:
+        locations.download(url, local)
+    except locations.LocationError as err:
+        log.info("not shown: %s", err)
+        local.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _own_files(checkpoint: Path) -> dict[str, Path]:

@@ -48,7 +48,7 @@ def load_model(entry: Entry, device: str, vqgan: VqganFiles) -> LoadedModel:
     from dalle_data.model import checkpoint as ckpt_io
     from dalle_data.model.checkpoint import model_int
 
-    ckpt = ckpt_io.load_checkpoint(entry.checkpoint)
+    ckpt = ckpt_io.load_checkpoint(entry.fetch())
     tokenizer = _tokenizer(ckpt, entry)
     dalle = ckpt_io.build_dalle(
         ckpt, vqgan_model_path=vqgan.model_path, vqgan_config_path=vqgan.config_path
@@ -74,8 +74,8 @@ def _tokenizer(ckpt: dict[str, Any], entry: Entry) -> tokenizers.Tokenizer:
     except tokenizers.TokenizerError as err:
         recorded = ckpt.get("tokenizer") or {}
         kind, _, location = str(recorded.get("spec", "")).partition(":")
-        beside = entry.checkpoint.parent / Path(location).name
-        if kind not in ("hug", "yttm") or not location or not beside.is_file():
+        beside = entry.beside(Path(location).name) if location else None
+        if kind not in ("hug", "yttm") or beside is None:
             raise ServeError(f"model {entry.name}: {err}") from None
         tokenizer = checkpoint_tokenizer(ckpt, f"{kind}:{beside}")
         if tokenizer.fingerprint != recorded.get("fingerprint"):

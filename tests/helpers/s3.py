@@ -49,6 +49,29 @@ class S3Server:
             region_name="us-east-1",
         )
 
+    def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
+        """Every object of ``bucket`` (a name or an ``s3://`` URL) under ``prefix``, by key
+        without the prefix."""
+        client, name = self.client(), bucket.removeprefix("s3://")
+        listed = client.list_objects_v2(Bucket=name, Prefix=prefix).get("Contents", [])
+        return {
+            o["Key"].removeprefix(prefix): client.get_object(Bucket=name, Key=o["Key"])[
+                "Body"
+            ].read()
+            for o in listed
+        }
+
+    def assert_secret_nowhere(self, bucket: str, folders: list[Path], printed: str) -> None:
+        """The secret key is in no object of ``bucket``, no file below ``folders``, and not
+        in ``printed``."""
+        secret = self.secret_key.encode()
+        assert secret not in printed.encode()
+        for key, body in self.objects(bucket).items():
+            assert secret not in body, key
+        for folder in folders:
+            for path in folder.rglob("*"):
+                assert not path.is_file() or secret not in path.read_bytes(), path
+
     def bucket(self) -> str:
         """A fresh empty bucket; returns its name."""
         bucket = f"test-{uuid.uuid4().hex[:12]}"

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pcsv
 
 from dalle_data.errors import DalleDataError
 
@@ -31,6 +32,11 @@ SCHEMA = pa.schema(
         pa.field("license", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        # Columns a `table` source keeps (keep_columns) as a JSON object, copied into each
+        # sample's .json; null for the other formats.
+        pa.field("extra", pa.string()),
+        # Numeric columns the min_values/max_values filters read, by name.
+        pa.field("values", pa.map_(pa.string(), pa.float64())),
     ]
 )
 
@@ -94,13 +100,33 @@ class Options:
     languages: list[str] = field(default_factory=lambda: ["en"])
     licenses: list[str] = field(default_factory=list)
     subset: Path | None = None
+    # `table`: which column holds what (None = the source has no such column).
+    url_column: str = "url"
+    caption_column: str = "caption"
+    license_column: str | None = None
+    width_column: str | None = None
+    height_column: str | None = None
+    id_column: str | None = None
+    keep_columns: list[str] = field(default_factory=list)
+    value_columns: list[str] = field(default_factory=list)
+    # `table`: csv, tsv, jsonl or parquet (None = from the file name); csv/tsv header and,
+    # without one, the column names.
+    file_type: str | None = None
+    header: bool = True
+    column_names: list[str] = field(default_factory=list)
+    # `folder`: "first" caption line per image, or "each" line a sample of its own.
+    caption_lines: str = "first"
+
+    def record(self) -> dict[str, Any]:
+        """The options as plain data, for normalize.json (and so the manifest)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()}
 
 
 Adapter = Callable[[list[SourceFile], Options], Iterator[Chunk]]
 
 
 # ``<module>_<variant>`` names a module's ``read_<variant>`` (yfcc_sqlite: yfcc.read_sqlite).
-FORMATS = ("cc12m", "wit", "yfcc", "yfcc_sqlite")
+FORMATS = ("cc12m", "wit", "yfcc", "yfcc_sqlite", "table", "folder")
 
 
 def adapter(fmt: str) -> Adapter:
@@ -152,14 +178,21 @@ def concat_dropped(tables: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables) if tables else DROPPED_SCHEMA.empty_table()
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[memoryview]:
-    """Blocks of whole lines (each ending in ``\\n``) from a plain, .gz or .bz2 file."""
+    """Blocks of whole lines (each ending in ``\\n``) from a plain, .gz, .bz2 or .zst file.
+
+    A UTF-8 byte-order mark (spreadsheet tools write one) is not part of the first line.
+    """
     try:
         stream = pa.input_stream(str(path), compression="detect")
     except (OSError, pa.ArrowException) as err:
         raise SourceError(f"cannot open source file {path}: {err}") from err
     with stream:
         carry = b""
+        first = True
         while True:
             try:
                 data = stream.read(block_bytes)
@@ -169,6 +202,9 @@ def read_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[memoryvi
                 ) from err
             if not data:
                 break
+            if first:
+                first = False
+                data = data.removeprefix(UTF8_BOM)
             data = carry + data
             cut = data.rfind(b"\n") + 1
             if cut == 0:
@@ -282,3 +318,78 @@ def row_ids(source: SourceFile, numbers: np.ndarray) -> pa.Array:
             "several files listed under `source`"
         )
     return pa.array(source.index * ROW_ID_STRIDE + numbers, pa.int64())
+
+
+def whole_numbers(values: pa.Array, bits: int = 32) -> pa.Array:
+    """Text as non-negative int32 (or int64) values; anything but a plain whole number
+    (``640``, ``640.0``) or a value out of range becomes null."""
+    dtype, digits = (pa.int32(), 9) if bits == 32 else (pa.int64(), 18)
+    text = pc.utf8_trim_whitespace(values)
+    ok = pc.match_substring_regex(text, rf"^[0-9]{{1,{digits}}}(\\.0*)?$")
+    whole = pc.replace_substring_regex(text, r"\\.0*$", "")
+    return pc.cast(pc.if_else(ok, whole, pa.scalar(None, values.type)), dtype)
+
+
+def csv_batches(
+    source: SourceFile,
+    read_options: pcsv.ReadOptions,
+    parse_options: pcsv.ParseOptions,
+    columns: list[str],
+    *,
+    hint: str,
+) -> Iterator[tuple[pa.RecordBatch, np.ndarray, pa.Table]]:
+    """Batches of ``columns`` (as binary) of a delimited file, their record numbers (from 1)
+    and the rows the parser refused (wrong field count) as ``malformed_row`` drops.
+
+    A last batch may be empty, to carry the refused rows that follow the last good one.
+    """
+    malformed: list[str] = []
+
+    def on_invalid(row: Any) -> str:
+        malformed.append(row.text)
+        return "skip"
+
+    def refused() -> pa.Table:
+        texts = pa.array(malformed, pa.string())
+        malformed.clear()
+        return make_dropped("normalize", "malformed_row", {"raw": texts}, len(texts))
+
+    parse_options.invalid_row_handler = on_invalid
+    try:
+        reader = pcsv.open_csv(
+            str(source.path),
+            read_options=read_options,
+            parse_options=parse_options,
+            convert_options=pcsv.ConvertOptions(
+                include_columns=columns, column_types={c: pa.binary() for c in columns}
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as err:
+        raise SourceError(
+            f"{source.path} cannot be read with the columns {columns} ({err}): {hint}"
+        ) from err
+    for batch, numbers in numbered(source, iter(reader)):
+        yield batch, numbers, refused()
+    if malformed:
+        empty = pa.RecordBatch.from_pylist([], schema=reader.schema)
+        yield empty, np.zeros(0, dtype=np.int64), refused()
+
+
+def numbered(
+    source: SourceFile, batches: Iterator[pa.RecordBatch]
+) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
+    """Batches with their record numbers (from 1); a read error names the file and the last
+    record read."""
+    record = 1
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as err:
+            raise SourceError(
+                f"{source.path} cannot be read after record {record - 1} ({err}): the file is "
+                "corrupt, truncated or not in the configured format; delete it and rerun fetch"
+            ) from err
+        yield batch, np.arange(record, record + batch.num_rows, dtype=np.int64)
+        record += batch.num_rows

@@ -3,7 +3,8 @@
 Every picture is one large shape of one of six saturated colours on a plain grey-scale
 background, so "the dominant non-background colour" of a generated image can be checked
 against ``COLOURS``. A few deliberately bad entries (a missing file, a non-image, a
-duplicate URL) let the demo show the accounting end to end.
+duplicate URL) and a copy of a picture under another name (dropped as duplicate_image)
+let the demo show the accounting end to end.
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ def make_sample(out_dir: Path, *, count: int = 2000) -> dict[str, Any]:
         template = TEMPLATES[rng.randrange(len(TEMPLATES))]
         caption = template.format(colour=colour, shape=shape, background=background)
         lines.append(f"{prefix}{name}\t{caption}")
+    # The same picture under another URL: only its bytes show it is a duplicate.
+    copy = f"copy-{1:05d}.jpg"
+    (images / copy).write_bytes((images / f"{1:05d}.jpg").read_bytes())
+    lines.append(f"{prefix}{copy}\t{lines[1].split(chr(9), 1)[1]}")
     # The bad entries: a file that does not exist, text bytes named .jpg, a repeated URL.
     (images / "not-an-image.jpg").write_bytes(b"this is text, not a JPEG\n")
     lines.append(f"{prefix}missing.jpg\ta blue circle that was never drawn")
@@ -99,7 +104,7 @@ def make_sample(out_dir: Path, *, count: int = 2000) -> dict[str, Any]:
     lines.append(f"{prefix}{0:05d}.jpg\tthe same picture listed twice")
     with atomic.atomic_open(out_dir / "sample.tsv", "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
-    return {"rows": len(lines), "images": count, "bad_entries": 3}
+    return {"rows": len(lines), "images": count, "bad_entries": 3, "copies": 1}
 
 
 def _url_prefix(images: Path) -> str:

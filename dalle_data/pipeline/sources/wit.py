@@ -10,7 +10,6 @@ type: no svg, no gif) are dropped. A row's id counts the parsed records of its f
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,13 +19,14 @@ import pyarrow.csv as pcsv
 from dalle_data.pipeline.sources import (
     Chunk,
     Options,
-    SourceError,
     SourceFile,
     concat_dropped,
+    csv_batches,
     decode_utf8,
     make_dropped,
     make_rows,
     row_ids,
+    whole_numbers,
 )
 
 STAGE = "normalize"
@@ -53,58 +53,20 @@ def read(files: list[SourceFile], options: Options) -> Iterator[Chunk]:
 
 
 def _read_file(source: SourceFile, options: Options) -> Iterator[Chunk]:
-    malformed: list[str] = []
-
-    def on_invalid(row: Any) -> str:
-        malformed.append(row.text)
-        return "skip"
-
-    try:
-        reader = pcsv.open_csv(
-            str(source.path),
-            read_options=pcsv.ReadOptions(block_size=BLOCK_BYTES),
-            parse_options=pcsv.ParseOptions(
-                delimiter="\t",
-                quote_char='"',
-                double_quote=True,
-                newlines_in_values=True,
-                invalid_row_handler=on_invalid,
-            ),
-            convert_options=pcsv.ConvertOptions(
-                include_columns=list(COLUMNS),
-                column_types={c: pa.binary() for c in COLUMNS},
-            ),
-        )
-    except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as err:
-        raise SourceError(
-            f"{source.path} is not a WIT file with the columns {list(COLUMNS)} ({err}): "
-            "check datasets.<name>.format"
-        ) from err
-    record = 1
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            break
-        except (pa.ArrowInvalid, OSError) as err:
-            raise SourceError(
-                f"{source.path} cannot be parsed after record {record - 1} ({err}): "
-                "the file is corrupt or not a WIT TSV; delete it and rerun fetch"
-            ) from err
-        numbers = np.arange(record, record + batch.num_rows, dtype=np.int64)
-        record += batch.num_rows
+    batches = csv_batches(
+        source,
+        pcsv.ReadOptions(block_size=BLOCK_BYTES),
+        pcsv.ParseOptions(
+            delimiter="\t", quote_char='"', double_quote=True, newlines_in_values=True
+        ),
+        list(COLUMNS),
+        hint="this is not a WIT file: check datasets.<name>.format",
+    )
+    for batch, numbers, malformed in batches:
         chunk = parse_batch(source, batch, numbers, options)
-        chunk.dropped = concat_dropped([chunk.dropped, _malformed(malformed)])
-        chunk.input_rows += len(malformed)
-        malformed.clear()
+        chunk.dropped = concat_dropped([chunk.dropped, malformed])
+        chunk.input_rows += malformed.num_rows
         yield chunk
-    if malformed:
-        yield Chunk(make_rows({}, 0), _malformed(malformed), len(malformed))
-
-
-def _malformed(texts: list[str]) -> pa.Table:
-    """Rows without 17 fields (the parser skipped them), kept as their raw text."""
-    return make_dropped(STAGE, "malformed_row", {"raw": pa.array(texts, pa.string())}, len(texts))
 
 
 def parse_batch(
@@ -141,8 +103,8 @@ def parse_batch(
             "row_id": ids.filter(keep),
             "url": cols["image_url"].filter(keep),
             "caption": caption.filter(keep),
-            "width": _int32(cols["original_width"]).filter(keep),
-            "height": _int32(cols["original_height"]).filter(keep),
+            "width": whole_numbers(cols["original_width"]).filter(keep),
+            "height": whole_numbers(cols["original_height"]).filter(keep),
         },
         int(remaining.sum()),
     )
@@ -167,11 +129,3 @@ def _is_in(values: pa.Array, allowed: list[str]) -> np.ndarray:
     lowered = pc.utf8_lower(pc.utf8_trim_whitespace(values))
     found = pc.is_in(lowered, value_set=pa.array([a.lower() for a in allowed], values.type))
     return found.to_numpy(zero_copy_only=False)
-
-
-def _int32(values: pa.Array) -> pa.Array:
-    """Sizes as int32; anything but a plain non-negative integer becomes null."""
-    text = pc.utf8_trim_whitespace(values)
-    ok = pc.match_substring_regex(text, r"^[0-9]{1,9}(\.0*)?$")
-    whole = pc.replace_substring_regex(text, r"\.0*$", "")
-    return pc.cast(pc.if_else(ok, whole, pa.scalar(None, values.type)), pa.int32())
