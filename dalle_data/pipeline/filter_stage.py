@@ -114,7 +114,10 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
         # Drops are held per batch and written batch by batch, whatever the number of workers.
         held = _Held()
         exclusions = Exclusions(held, reasons)
-        finish = (caption_units, exclusions, held, dropped_writer, writer)
+
+        def finish(batch: tuple[pa.Table, list[pa.Table], Future[pa.Array]]) -> int:
+            return _finish(*batch, caption_units, exclusions, held, dropped_writer, writer)
+
         output_rows = 0
         pending: deque[tuple[pa.Table, list[pa.Table], Future[pa.Array]]] = deque()
         offset = 0
@@ -131,9 +134,9 @@ def run(metadata_dir: Path, options: FilterOptions) -> dict[str, Any]:
             captions = rows.column("caption").combine_chunks()
             pending.append((rows, held.take(), pool.submit(clean_captions, captions)))
             if len(pending) > workers:
-                output_rows += _finish(*pending.popleft(), *finish)
+                output_rows += finish(pending.popleft())
         while pending:
-            output_rows += _finish(*pending.popleft(), *finish)
+            output_rows += finish(pending.popleft())
     settings = {
         "allow_file_urls": options.allow_file_urls,
         "min_words": options.min_words,
