@@ -181,21 +181,6 @@ def test_caption_length_and_blocklist() -> None:
         CaptionLengthFilter(min_words=6, max_words=5)
 
 
-def test_duplicates_first_wins_even_when_hashes_collide(monkeypatch: pytest.MonkeyPatch) -> None:
-    urls = ["u1", "u2", "u1", "u3", "u2", "u1"]
-    # Every URL but u3 gets the same hash: only the URLs themselves tell them apart.
-    fake = {"u1": 7, "u2": 7, "u3": 9}
-    monkeypatch.setattr(
-        filters, "url_hashes", lambda a: np.array([fake[u] for u in a.to_pylist()], np.uint64)
-    )
-    rows = _rows(urls, ["x"] * len(urls))
-    unit = filters.DuplicateUrlFilter()
-    for start in range(0, len(urls), 4):
-        unit.see(rows.slice(start, 4))
-    keep = [unit.keep(rows.slice(start, 4)).to_pylist() for start in range(0, len(urls), 4)]
-    assert sum(keep, []) == [True, True, False, True, False, False]
-
-
 def _write_normalized(metadata: Path, rows: pa.Table, drops: int = 0) -> None:
     metadata.mkdir(parents=True)
     pq.write_table(rows, metadata / "normalized.parquet")
@@ -341,8 +326,17 @@ def test_the_base_class_counts_and_excludes_what_a_filter_drops(tmp_path: Path) 
     ]
 
 
-def test_duplicate_urls_are_a_filter_whose_first_row_wins_across_batches() -> None:
+@pytest.mark.parametrize("collide", [False, True])
+def test_duplicate_urls_are_a_filter_whose_first_row_wins_across_batches(
+    collide: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     urls = ["https://a", "https://b", "https://a", "https://c", "https://b", "https://a"]
+    if collide:  # every URL but c gets one hash: only the URLs themselves tell them apart
+        monkeypatch.setattr(
+            filters,
+            "url_hashes",
+            lambda a: np.array([9 if u == "https://c" else 7 for u in a.to_pylist()], np.uint64),
+        )
     rows = _rows(urls, ["x"] * len(urls))
     unit = filters.DuplicateUrlFilter()
     for start in range(0, len(urls), 4):
