@@ -244,6 +244,7 @@ def main() -> None:
         [cli, "normalize", "--format", "cc12m", "--raw-dir", str(raw), "--metadata-dir", str(meta)]
     )
     filt_wall, filt_rss = timed([cli, "filter", "--metadata-dir", str(meta)])
+    load_end = os.getloadavg()[0]
     record = json.loads((meta / "filter.json").read_text())
     size_gb = source.stat().st_size / 1e9
     total = norm_wall + filt_wall
@@ -270,7 +271,8 @@ def main() -> None:
         "Snakemake rules run them) and the peak resident memory of its whole process tree "
         "(the filter's caption-cleaning workers included; /proc sampled every 0.2 s). The "
         "baseline is the issue's goal (60 s, 2 GiB on 2 cores), checked in the same run. "
-        f"Load average of the machine when it started: {load:.2f}.",
+        f"Load average of the machine (other work on it slows both stages): {load:.2f} when "
+        f"it started, {load_end:.2f} when it ended.",
         "",
     ]
     write_result("metadata", "\n".join(lines))
