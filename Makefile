@@ -24,9 +24,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -U pip Cython wheel "setuptools>=77,<81"
 	$(PY) -m pip install -q --no-build-isolation youtokentome==1.0.6
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev,spark,slurm,storage]"
+	$(PY) -m pip install -q -e ".[dev,spark,slurm,storage,clip]"
 	@# pyspark (the Spark download test) needs a Java runtime; Debian ships one.
 	command -v java >/dev/null || (apt-get update -q && apt-get install -y -q default-jre-headless)
+	@# The collection's lineage.png is drawn by graphviz's `dot`.
+	command -v dot >/dev/null || (apt-get update -q && apt-get install -y -q graphviz)
 	@# The serve page's browser test drives Debian's chromium; without it that test is skipped.
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver) \
 		|| echo "chromium could not be installed: tests/test_serve.py skips its browser test"
