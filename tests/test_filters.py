@@ -343,3 +343,12 @@ def test_duplicate_urls_are_a_filter_whose_first_row_wins_across_batches(
         unit.see(rows.slice(start, 4))
     keep = [unit.keep(rows.slice(start, 4)).to_pylist() for start in range(0, len(urls), 4)]
     assert sum(keep, []) == [True, True, False, True, False, False]
+
+
+def test_caption_cleaning_fixes_what_ftfy_fixes_in_a_modifier_apostrophe() -> None:
+    """U+02BC is one of the characters ftfy's fixers change (uncurl_quotes)."""
+    text = "rock \u02bcn\u02bc roll"
+    expected = " ".join(ftfy.fix_text(text, FTFY_CONFIG).split())
+    assert expected != text
+    assert clean_caption(text) == expected
+    assert clean_captions(pa.array([text])).to_pylist() == [expected]

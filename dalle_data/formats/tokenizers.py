@@ -37,7 +37,7 @@ _ASCII_SAFE = re.compile(r"[\t\n\r\x20-\x25\x27-\x7e]*")
 # entities (and html.unescape), C0/C1 and other control characters, CR and line
 # separators, Latin ligatures, curly quotes, full/half width forms, surrogates.
 # tests/test_tokenizers.py checks every code point against each fixer.
-_FTFY_TOUCHES = re.compile(
+FTFY_TOUCHES = re.compile(
     "[&\x00-\x08\x0b\x0d-\x1f\x7f-\x9f\u0132\u0133\u0149\u01c4-\u01cc\u01f1-\u01f3"
     "\u02bc\u2018-\u201f\u2028\u2029\u206a-\u206f\u3000\ud800-\udfff\ufb00-\ufb06"
     "\ufeff\ufff9-\ufffc\uff01-\uffef]"
@@ -163,7 +163,7 @@ def _ftfy_may_change(text: str) -> bool:
     line (ftfy fixes line by line) that is not ASCII and looks like mojibake to ftfy."""
     return (
         len(text) > _FTFY_SEGMENT
-        or bool(_FTFY_TOUCHES.search(text))
+        or bool(FTFY_TOUCHES.search(text))
         or not unicodedata.is_normalized("NFC", text)
         or any(not line.isascii() and ftfy.badness.is_bad(line) for line in _lines(text))
     )

@@ -16,6 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+# Characters ftfy's fixers other than its mojibake repair act on (one tested list).
+from dalle_data.formats.tokenizers import FTFY_TOUCHES
+
 # explain=False: ftfy's explanation steps are never read, only built.
 FTFY_CONFIG = ftfy.TextFixerConfig(unescape_html=False, explain=False)
 
@@ -25,13 +28,6 @@ FTFY_CONFIG = ftfy.TextFixerConfig(unescape_html=False, explain=False)
 _PLAIN = np.zeros(256, dtype=bool)
 _PLAIN[0x20:0x7F] = True
 _PLAIN[ord("&")] = False
-# Characters ftfy's non-mojibake fixers change (C1 controls, ligatures, full width, curly
-# quotes, line separators, surrogates, controls); mojibake itself is ftfy.badness.is_bad.
-_FTFY_TOUCHES = re.compile(
-    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u0132\u0133\u013f\u0140\u0149\u01c4-\u01cc"
-    "\u01f1-\u01f3\ufb00-\ufb06\u3000\uff01-\uffef\u2018-\u201f\u2028\u2029\ud800-\udfff"
-    "\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff\ufff9-\ufffc]"
-)
 # Each pattern of ftfy's mojibake heuristic (ftfy.badness.BADNESS_RE) holds a non-ASCII
 # character and spans at most this many characters (tests/test_filters.py checks both on
 # the installed ftfy), so every match lies this close to a non-ASCII character.
@@ -55,7 +51,7 @@ def clean_caption_list(texts: list[str]) -> list[str]:
 def _needs_ftfy(text: str) -> bool:
     """False only where ftfy.fix_text returns ``text`` unchanged (it costs ~100 us a call)."""
     return (
-        bool(_FTFY_TOUCHES.search(text))
+        bool(FTFY_TOUCHES.search(text))
         or not unicodedata.is_normalized("NFC", text)
         or (not text.isascii() and looks_like_mojibake(text))
     )
