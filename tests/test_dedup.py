@@ -11,9 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from dalle_data.formats.webdataset import row_key
 from dalle_data.pipeline.dedup import (
+    Images,
     bands,
     cross_pairs,
+    decide,
     first_kept,
     near_pairs,
     nearest,
@@ -134,3 +137,25 @@ def test_phash_survives_reencoding_and_slight_resizes_but_tells_pictures_apart()
             assert int(np.bitwise_count(np.uint64(perceptual_hash(variant) ^ h))) <= 3
     d = distances(hashes, hashes)
     assert d[np.triu_indices(len(hashes), 1)].min() > 10
+
+
+def test_caption_lines_of_one_picture_stay_within_a_split_but_not_across_splits() -> None:
+    """A folder dataset lists a picture once per caption line: within a split those rows
+    are one source image, not copies; a training row of an eval picture is still dropped."""
+    same, other = 0x0F0F, 0xF0F0
+    own = Images(
+        dataset="photos",
+        keys=np.array([1, 2, 3, 4, 5], dtype=np.int64),
+        is_eval=np.array([False, False, False, True, False]),
+        phash=np.array([same, same, same, other, other], dtype=np.uint64),
+        sha64=np.array([7, 7, 7, 9, 9], dtype=np.uint64),
+        source=np.array([100, 100, 200, 300, 300], dtype=np.uint64),
+    )
+    drops = decide(own, [], 0)
+    # 2 shares 1's source: kept; 3 is the same picture from another file: a duplicate;
+    # 5 shares the eval row 4's source, but a training row must not show an eval picture.
+    assert {key: drop.reason for key, drop in drops.items()} == {
+        3: "duplicate_image",
+        5: "eval_duplicate",
+    }
+    assert drops[3].matched_key == row_key(1)

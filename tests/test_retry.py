@@ -287,7 +287,8 @@ def test_rate_per_host_holds_across_processes(
         user_agent_token="dalle-data-test",
         contact="https://example.org/crawler",
     )
-    assert manifest["counts"]["written"] == 48
+    # Every row downloaded (its 5 pictures repeat, so image dedup writes fewer samples).
+    assert manifest["counts"]["input_rows"] == 48 and not manifest["counts"]["failed"]
     for server, n in ((busy, 44), (quiet, 4)):
         times = sorted(s.at for s in server.seen)
         assert len(times) == n

@@ -269,6 +269,9 @@ class Images:
     phash: np.ndarray
     sha64: np.ndarray
     part: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    # The dataset being built: one id per source image (its URL without a #fragment), shared
+    # by the rows a folder dataset makes of one picture, one per caption line (empty = none).
+    source: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
     # Built datasets only: the folder and the manifest sha256 of each split.
     folders: dict[str, Path] = field(default_factory=dict)
     manifests: dict[str, str] = field(default_factory=dict)
@@ -346,16 +349,28 @@ def decide(own: Images, references: list[Images], max_distance: int | None) -> d
             ref,
         )
     eval_rows = np.flatnonzero(alive & own.is_eval)
-    within = first_kept(hashes[eval_rows], distance)
-    drop(eval_rows, _positions(within, eval_rows), DUPLICATE_IMAGE, own)
+    within = _other_sources(own, _positions(first_kept(hashes[eval_rows], distance), eval_rows))
+    drop(eval_rows, within, DUPLICATE_IMAGE, own)
     kept_eval = eval_rows[within.index < 0]
     train_rows = np.flatnonzero(alive & ~own.is_eval)
     against_eval = nearest(hashes[train_rows], hashes[kept_eval], distance)
     drop(train_rows, _positions(against_eval, kept_eval), EVAL_DUPLICATE, own)
     train_rows = np.flatnonzero(alive & ~own.is_eval)
-    within = first_kept(hashes[train_rows], distance)
-    drop(train_rows, _positions(within, train_rows), DUPLICATE_IMAGE, own)
+    within = _other_sources(own, _positions(first_kept(hashes[train_rows], distance), train_rows))
+    drop(train_rows, within, DUPLICATE_IMAGE, own)
     return drops
+
+
+def _other_sources(own: Images, matches: Matches) -> Matches:
+    """Within a split, the rows of one source image (one per caption line) are not copies of
+    each other; across splits they are (the eval_duplicate step keeps them apart)."""
+    if own.source.size == 0:
+        return matches
+    hit = np.flatnonzero(matches.index >= 0)
+    same = own.source[hit] == own.source[matches.index[hit]]
+    index = matches.index.copy()
+    index[hit[same]] = -1
+    return Matches(index, matches.distance)
 
 
 def _positions(matches: Matches, rows: np.ndarray) -> Matches:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dalle_data.atomic import atomic_path, write_json
@@ -348,7 +349,25 @@ def _hash_images(
         phash=phash[order],
         sha64=sha[order],
         part=part[order],
+        source=_source_ids(ds_dir, plan, row_id),
     )
+
+
+def _source_ids(ds_dir: Path, plan: dict[str, Any], row_ids: np.ndarray) -> np.ndarray:
+    """Per row (sorted ``row_ids``), a hash of its URL without the #fragment: the rows a
+    folder dataset makes of one picture (``caption_lines: each``) share it."""
+    import pandas as pd
+
+    tables = [_part_rows(ds_dir, part).select(["row_id", "url"]) for part in plan["parts"]]
+    if not tables:
+        return np.zeros(0, dtype=np.uint64)
+    rows = pa.concat_tables(tables)
+    ids = rows.column("row_id").to_numpy()
+    order = np.argsort(ids, kind="stable")
+    at = order[np.searchsorted(ids[order], row_ids)]
+    urls = pc.take(rows.column("url"), pa.array(at))
+    bare = pc.replace_substring_regex(urls, pattern="#.*$", replacement="", max_replacements=1)
+    return pd.util.hash_array(bare.to_numpy(zero_copy_only=False), categorize=False)
 
 
 def _hash_part(
