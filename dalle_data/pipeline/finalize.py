@@ -43,6 +43,7 @@ from dalle_data.formats.webdataset import (
     write_shards,
 )
 from dalle_data.pipeline import dedup
+from dalle_data.pipeline.filters import url_hashes
 from dalle_data.pipeline.holdout import Holdout, eval_mask
 
 FAILURES = "failures.parquet"
@@ -356,8 +357,6 @@ def _hash_images(
 def _source_ids(ds_dir: Path, plan: dict[str, Any], row_ids: np.ndarray) -> np.ndarray:
     """Per row (sorted ``row_ids``), a hash of its URL without the #fragment: the rows a
     folder dataset makes of one picture (``caption_lines: each``) share it."""
-    import pandas as pd
-
     tables = [_part_rows(ds_dir, part).select(["row_id", "url"]) for part in plan["parts"]]
     if not tables:
         return np.zeros(0, dtype=np.uint64)
@@ -367,7 +366,7 @@ def _source_ids(ds_dir: Path, plan: dict[str, Any], row_ids: np.ndarray) -> np.n
     at = order[np.searchsorted(ids[order], row_ids)]
     urls = pc.take(rows.column("url"), pa.array(at))
     bare = pc.replace_substring_regex(urls, pattern="#.*$", replacement="", max_replacements=1)
-    return pd.util.hash_array(bare.to_numpy(zero_copy_only=False), categorize=False)
+    return url_hashes(bare)
 
 
 def _hash_part(
