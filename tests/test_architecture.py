@@ -18,10 +18,9 @@ ALLOWED = {
     "model": {"formats"},
     "collection": {"formats", "model"},
     "serve": {"formats", "model", "collection"},
-    "storage": set(),
     "demo": {"formats", "pipeline", "model"},
 }
-UTILITIES = {"errors", "atomic", "hashing", "compat", "config", "settings", "locations", "storage"}
+UTILITIES = {"errors", "atomic", "hashing", "compat", "config", "settings", "locations"}
 
 
 def _module_name(path: Path) -> str:
