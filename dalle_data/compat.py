@@ -15,7 +15,8 @@
   (libjpeg's DCT scaling), several times faster, when that still covers ``image_size``.
 - img2dataset fetches every URL with its module-level ``download_image``, which keeps
   neither the HTTP status nor ``Retry-After``: :func:`img2dataset_fetch` puts another
-  fetch in its place in each worker process.
+  fetch in its place in each worker process, and can add a column computed from each
+  written image (the perceptual hash) while the worker has it in memory.
 """
 
 from __future__ import annotations
@@ -215,9 +216,45 @@ class _FetchingDownloader:
         return self.downloader(row)
 
 
+class _ColumnWriterClass:
+    """img2dataset's ``sample_writer_class`` whose writers also record ``compute(image)``
+    (a uint64) under ``column`` for every written image, in the parquet and json beside each
+    tar. Picklable (its parts are module-level), as the Downloader that holds it must be."""
+
+    def __init__(self, writer_class: Any, column: str, compute: Callable[[bytes], int]) -> None:
+        self.writer_class = writer_class
+        self.column = column
+        self.compute = compute
+
+    def __call__(self, *args: Any) -> _ColumnWriter:
+        import pyarrow as pa
+
+        # (shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format)
+        args = list(args)
+        args[4] = args[4].append(pa.field(self.column, pa.uint64()))
+        return _ColumnWriter(self.writer_class(*args), self.column, self.compute)
+
+
+class _ColumnWriter:
+    def __init__(self, writer: Any, column: str, compute: Callable[[bytes], int]) -> None:
+        self.writer = writer
+        self.column = column
+        self.compute = compute
+
+    def write(self, img_str: bytes | None, key: str, caption: str | None, meta: dict) -> None:
+        meta[self.column] = None if img_str is None else self.compute(img_str)
+        self.writer.write(img_str, key, caption, meta)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 @contextlib.contextmanager
-def img2dataset_fetch(fetch: Callable[..., Any]) -> Iterator[None]:
-    """Inside, ``img2dataset.download`` fetches each URL with ``fetch`` in every worker.
+def img2dataset_fetch(
+    fetch: Callable[..., Any], column: tuple[str, Callable[[bytes], int]] | None = None
+) -> Iterator[None]:
+    """Inside, ``img2dataset.download`` fetches each URL with ``fetch`` in every worker,
+    and with ``column=(name, compute)`` records ``compute(image bytes)`` per written image.
 
     ``fetch(row, timeout, user_agent_token, disallowed_header_directives)`` must be
     picklable and return what img2dataset 1.47's ``download_image`` returns:
@@ -228,6 +265,10 @@ def img2dataset_fetch(fetch: Callable[..., Any]) -> Iterator[None]:
     original = main.Downloader
 
     def downloader(*args: Any, **kwargs: Any) -> _FetchingDownloader:
+        if column is not None:
+            kwargs["sample_writer_class"] = _ColumnWriterClass(
+                kwargs["sample_writer_class"], *column
+            )
         return _FetchingDownloader(original(*args, **kwargs), fetch)
 
     main.Downloader = downloader

@@ -17,6 +17,7 @@ from dalle_data.formats.manifest import read_manifest, verify
 from dalle_data.formats.webdataset import read_shard, row_key
 from dalle_data.pipeline import finalize as finalize_module
 from dalle_data.pipeline.dataset_card import DUPLICATES, write_card
+from dalle_data.pipeline.download_results import PHASH_COLUMN
 from dalle_data.pipeline.finalize import DedupOptions
 from dalle_data.pipeline.holdout import Holdout, eval_mask
 from tests.helpers.http import LocalServer, Route, serve
@@ -90,8 +91,13 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             holdout=Holdout(fraction=0.0),
             dedup_options=DedupOptions(against=(("first", first),)),
         )
-    # The same download finalized again, hashed in two worker processes (a slice each).
+    # The same download as an older download stage left it, without the pHash its workers
+    # record: finalized again, hashed here in two worker processes (a slice each).
     shutil.copytree(first, again, ignore=shutil.ignore_patterns("shards", "eval"))
+    recorded = list((again / "downloaded").rglob("*.parquet"))
+    assert recorded and all(PHASH_COLUMN in pq.read_schema(p).names for p in recorded)
+    for path in recorded:
+        pq.write_table(pq.read_table(path).drop_columns([PHASH_COLUMN]), path)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(finalize_module, "ROWS_PER_HASH_PROCESS", 1)
         finalize_module.finalize(
@@ -176,6 +182,7 @@ def test_across_datasets(built: dict[str, Path]) -> None:
 
 
 def test_two_builds_are_byte_identical(built: dict[str, Path]) -> None:
+    """One from the pHashes the download workers recorded, one hashing in finalize."""
     for folder in ("shards", "eval"):
         a, b = built["first"] / folder, built["again"] / folder
         names = sorted(p.name for p in a.iterdir() if p.name != "build.json")

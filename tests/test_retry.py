@@ -4,6 +4,7 @@ per-host pacing, and the failure reasons that tell them apart."""
 from __future__ import annotations
 
 import email.utils
+import http.server
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ from dalle_data.pipeline.retry import (
     retry_after_seconds,
     round_wait,
 )
-from tests.helpers.http import LocalServer, Route, in_turn, serve, slow_down
+from tests.helpers.http import LocalServer, Route, in_turn, send, serve, slow_down
 from tests.test_download import IMAGE_SIZE, TIMEOUT, build, image_bytes, write_metadata
 
 SLOW_DOWN = 2  # the 429 host's Retry-After, seconds
@@ -191,6 +192,34 @@ def test_fetch_records_status_and_retry_after(http_server: LocalServer) -> None:
         port = closed.getsockname()[1]
     _, _, refused = fetch((0, f"http://127.0.0.1:{port}/x.jpg"), TIMEOUT, None, None)
     assert failure_reason(refused) == "connection"
+
+
+def test_fetch_keeps_its_connection_and_replaces_one_the_host_closed(
+    http_server: LocalServer,
+) -> None:
+    """A thread's requests to a host share one connection (urllib pays a TCP and TLS
+    handshake per image, and the host a connection per image); a connection the host hung
+    up meanwhile is replaced, and the request sent again, instead of failing."""
+    body = picture(0)
+    ports: list[int] = []
+
+    def answer(req: http.server.BaseHTTPRequestHandler) -> None:
+        ports.append(req.client_address[1])
+        send(req, body)
+
+    def answer_then_hang_up(req: http.server.BaseHTTPRequestHandler) -> None:
+        answer(req)
+        req.close_connection = True  # without saying so (no "Connection: close")
+
+    http_server.routes["/kept.jpg"] = Route(handler=answer)
+    http_server.routes["/once.jpg"] = Route(handler=answer_then_hang_up)
+    fetch = Fetch(user_agent="dalle-data-test")
+    for path, connections in (("/kept.jpg", 1), ("/once.jpg", 4)):
+        ports.clear()
+        for _ in range(4):
+            _, stream, error = fetch((0, http_server.url(path)), TIMEOUT, None, None)
+            assert error is None and stream is not None and stream.read() == body.body
+        assert len(set(ports)) == connections, path
 
 
 def _http_error(code: int) -> urllib.error.HTTPError:

@@ -24,7 +24,9 @@ import pyarrow.parquet as pq
 
 from dalle_data.atomic import atomic_path, write_json
 from dalle_data.compat import for_img2dataset, img2dataset_fetch
+from dalle_data.pipeline.dedup import perceptual_hash
 from dalle_data.pipeline.download_plan import DownloadError
+from dalle_data.pipeline.download_results import PHASH_COLUMN
 from dalle_data.pipeline.hosts import Fetch, host_order, user_agent
 
 # Pillow refuses images above 2 x 89,478,485 px and warns above 89,478,485 (its
@@ -270,12 +272,13 @@ def _environment(**values: str) -> Iterator[None]:
 
 def _run_img2dataset(options: dict[str, Any], settings: DownloadSettings, fetch: Fetch) -> None:
     """img2dataset in a process of its own, without torch and wandb (compat.for_img2dataset),
-    fetching with ``fetch``.
+    fetching with ``fetch`` and recording each written image's perceptual hash (finalize's
+    dedup needs it; the worker has the image in memory, finalize would read it back).
 
     Its own process, so the caller's process (a test, a notebook) keeps torch and wandb.
     """
     for_img2dataset()
     import img2dataset
 
-    with spark_session(settings), img2dataset_fetch(fetch):
+    with spark_session(settings), img2dataset_fetch(fetch, (PHASH_COLUMN, perceptual_hash)):
         img2dataset.download(**options)

@@ -9,6 +9,10 @@ import pyarrow.parquet as pq
 
 from dalle_data.pipeline.failures import failure_reason
 
+# The column the download stage adds to img2dataset's results: the perceptual hash of each
+# written image (pipeline/dedup.py), computed in the worker that encoded it.
+PHASH_COLUMN = "phash"
+
 
 @dataclass(frozen=True)
 class RowResult:
@@ -23,6 +27,8 @@ class RowResult:
     sha256: str | None
     original_width: int | None
     original_height: int | None
+    # None for a part downloaded before the download stage recorded it: finalize hashes then.
+    phash: int | None = None
 
 
 def read_part_results(part_dir: Path) -> dict[int, RowResult]:
@@ -38,7 +44,10 @@ def read_part_results(part_dir: Path) -> dict[int, RowResult]:
         "original_height",
     ]
     for path in sorted(part_dir.glob("*.parquet")):
-        table = pq.read_table(path, columns=columns).to_pylist()
+        names = pq.read_schema(path).names
+        table = pq.read_table(
+            path, columns=columns + [PHASH_COLUMN] * (PHASH_COLUMN in names)
+        ).to_pylist()
         for row in table:
             ok = row["status"] == "success"
             results[row["row_id"]] = RowResult(
@@ -51,5 +60,6 @@ def read_part_results(part_dir: Path) -> dict[int, RowResult]:
                 sha256=row["sha256"],
                 original_width=row["original_width"],
                 original_height=row["original_height"],
+                phash=row.get(PHASH_COLUMN),
             )
     return results

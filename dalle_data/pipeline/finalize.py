@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +171,8 @@ def finalize(
     )
     eval_rows = set(planned[eval_mask(planned, holdout)].tolist())
     hashing = time.perf_counter()
-    images = _hash_images(ds_dir, plan, eval_rows, dataset)
+    downloads = _Downloads(ds_dir)
+    images = _hash_images(downloads, plan, eval_rows, dataset)
     hashing = time.perf_counter() - hashing
     searching = time.perf_counter()
     references = [dedup.read_images(name, Path(folder)) for name, folder in dedup_options.against]
@@ -187,6 +188,7 @@ def finalize(
         images=images,
         drops=drops,
         references={ref.dataset: ref for ref in references},
+        downloads=downloads,
     )
     provenance = {
         "normalize": _inputs_only(normalize),
@@ -213,6 +215,7 @@ def finalize(
                 counts["dropped"],
             )
         manifest = _write_split_manifest(build, split, counts, image_size, provenance)
+    downloads.close()
     write_json(
         ds_dir / SPLIT_DIRS[TRAIN] / BUILD_RECORD,
         _build_record(started, plan, manifest["counts"]["written"], rounds)
@@ -237,7 +240,8 @@ class _Build:
     eval_rows: set[int]
     images: dedup.Images
     drops: dict[int, dedup.Drop]
-    references: dict[str, dedup.Images] = field(default_factory=dict)
+    references: dict[str, dedup.Images]
+    downloads: _Downloads
 
     def out_dir(self, split: str) -> Path:
         return self.ds_dir / SPLIT_DIRS[split]
@@ -317,26 +321,36 @@ def _part_rows(ds_dir: Path, part: dict[str, Any]) -> pa.Table:
 
 
 def _hash_images(
-    ds_dir: Path, plan: dict[str, Any], eval_rows: set[int], dataset: str
+    downloads: _Downloads, plan: dict[str, Any], eval_rows: set[int], dataset: str
 ) -> dedup.Images:
-    """pHash and sha256 of every downloaded image, in parallel processes when there are
-    enough rows: each takes a part, or a slice of one when there are fewer parts than cores."""
+    """pHash and sha256 of every downloaded image. The download stage recorded both; the
+    images of parts downloaded before it recorded the pHash are hashed here, in parallel
+    processes when there are enough: each takes a part, or a slice of one when there are
+    fewer parts than cores."""
     import multiprocessing as mp
 
-    processes = min(
-        len(os.sched_getaffinity(0)), math.ceil(plan["input_rows"] / ROWS_PER_HASH_PROCESS)
+    names = [p["name"] for p in plan["parts"]]
+    unhashed = sum(
+        1
+        for name in names
+        for result in downloads.part(name)[0].values()
+        if _stored(result) and result.phash is None
     )
-    slices = math.ceil(processes / max(len(plan["parts"]), 1))
-    jobs = [
-        (ds_dir / "downloaded" / p["name"], i, k, slices)
-        for i, p in enumerate(plan["parts"])
-        for k in range(slices)
-    ]
+    processes = min(len(os.sched_getaffinity(0)), math.ceil(unhashed / ROWS_PER_HASH_PROCESS))
     if processes > 1:
+        slices = math.ceil(processes / max(len(names), 1))
+        jobs = [
+            (downloads.ds_dir / "downloaded" / name, i, k, slices)
+            for i, name in enumerate(names)
+            for k in range(slices)
+        ]
         with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
-            hashed = list(pool.map(_hash_part, *zip(*jobs, strict=True)))
+            hashed = list(pool.map(_hash_slice, *zip(*jobs, strict=True)))
     else:
-        hashed = [_hash_part(*job) for job in jobs]
+        hashed = [
+            _hash_rows(sorted(downloads.part(name)[0].items()), downloads.part(name)[1], i)
+            for i, name in enumerate(names)
+        ]
     row_id, part, phash, sha = (
         np.concatenate([h[k] for h in hashed]) if hashed else np.zeros(0, dtype)
         for k, dtype in enumerate((np.int64, np.int32, np.uint64, np.uint64))
@@ -350,7 +364,7 @@ def _hash_images(
         phash=phash[order],
         sha64=sha[order],
         part=part[order],
-        source=_source_ids(ds_dir, plan, row_id),
+        source=_source_ids(downloads.ds_dir, plan, row_id),
     )
 
 
@@ -369,32 +383,48 @@ def _source_ids(ds_dir: Path, plan: dict[str, Any], row_ids: np.ndarray) -> np.n
     return url_hashes(bare)
 
 
-def _hash_part(
+def _hash_slice(
     part_dir: Path, part_index: int, slice_index: int, slices: int
 ) -> tuple[np.ndarray, ...]:
-    """``(row_id, part, phash, sha64)`` of the images of slice ``slice_index`` of
-    ``slices`` (contiguous runs of rows, so of the tars) of one downloaded part."""
+    """:func:`_hash_rows` of slice ``slice_index`` of ``slices`` (contiguous runs of rows,
+    so of the tars) of one downloaded part: a worker process's share."""
     from dalle_data.pipeline.retry import read_results
 
-    ids: list[int] = []
-    phashes: list[int] = []
-    shas: list[int] = []
     results = sorted(read_results(part_dir).items())
     mine = results[
         slice_index * len(results) // slices : (slice_index + 1) * len(results) // slices
     ]
     with _TarIndex(part_dir) as images:
-        for row_id, result in mine:
-            jpg = _image(images, result)
-            if jpg is not None:
-                if not result.sha256:
-                    raise ShardError(
-                        f"img2dataset recorded no sha256 for row {row_id} in {part_dir}: "
-                        "delete the part and download it again"
-                    )
-                ids.append(row_id)
-                phashes.append(dedup.perceptual_hash(jpg))
-                shas.append(dedup.sha64(result.sha256))
+        return _hash_rows(mine, images, part_index)
+
+
+def _hash_rows(
+    results: list[tuple[int, Any]], images: _TarIndex, part_index: int
+) -> tuple[np.ndarray, ...]:
+    """``(row_id, part, phash, sha64)`` of the rows whose image is in the part's tars,
+    hashing those the download stage left without a pHash."""
+    ids: list[int] = []
+    phashes: list[int] = []
+    shas: list[int] = []
+    for row_id, result in results:
+        if not _stored(result):
+            continue
+        phash = result.phash
+        if phash is None:
+            jpg = images.read(result.shard, result.key)
+            if jpg is None:
+                continue
+            phash = dedup.perceptual_hash(jpg)
+        elif not images.has(result.shard, result.key):
+            continue
+        if not result.sha256:
+            raise ShardError(
+                f"img2dataset recorded no sha256 for row {row_id} in {images.part_dir}: "
+                "delete the part and download it again"
+            )
+        ids.append(row_id)
+        phashes.append(phash)
+        shas.append(dedup.sha64(result.sha256))
     return (
         np.asarray(ids, dtype=np.int64),
         np.full(len(ids), part_index, dtype=np.int32),
@@ -403,11 +433,14 @@ def _hash_part(
     )
 
 
+def _stored(result: Any) -> bool:
+    """Whether img2dataset reported the row written (its tar may still lack it)."""
+    return bool(result and result.ok and result.shard and result.key)
+
+
 def _image(images: _TarIndex, result: Any) -> bytes | None:
     """The downloaded JPEG of a row img2dataset reported, or None when there is none."""
-    if result and result.ok and result.shard and result.key:
-        return images.read(result.shard, result.key)
-    return None
+    return images.read(result.shard, result.key) if _stored(result) else None
 
 
 def _write_examples(build: _Build, split: str) -> None:
@@ -435,13 +468,10 @@ def _write_examples(build: _Build, split: str) -> None:
 
 
 def _downloaded_image(build: _Build, row_id: int) -> bytes | None:
-    from dalle_data.pipeline.retry import read_results
-
     position = int(np.searchsorted(build.images.keys, row_id))
     part = build.plan["parts"][int(build.images.part[position])]
-    part_dir = build.ds_dir / "downloaded" / part["name"]
-    with _TarIndex(part_dir) as images:
-        return _image(images, read_results(part_dir).get(row_id))
+    results, images = build.downloads.part(part["name"])
+    return _image(images, results.get(row_id))
 
 
 def _matched_image(build: _Build, drop: dedup.Drop) -> bytes | None:
@@ -527,76 +557,71 @@ def _samples(
     Failures and duplicates are counted and logged to ``failures``; each written sample's
     key, shard, hashes, caption length and original size go to ``index``.
     """
-    from dalle_data.pipeline.retry import read_results
-
     prefix = build.shard_prefix(split)
     written = 0
     for part in build.plan["parts"]:
-        part_dir = build.ds_dir / "downloaded" / part["name"]
-        results = read_results(part_dir)
+        results, images = build.downloads.part(part["name"])
         rows = _part_rows(build.ds_dir, part)
         lost: list[dict[str, Any]] = []
-        with _TarIndex(part_dir) as images:
-            for batch in rows.to_batches(TOKENIZE_BATCH):
-                good: list[tuple[dict[str, Any], Any, bytes]] = []
-                for row in batch.to_pylist():
-                    row_id = row["row_id"]
-                    if not build.in_split(row_id, split):
-                        continue
-                    drop = build.drops.get(row_id)
-                    if drop is not None:
-                        duplicates[drop.reason] += 1
-                        lost.append({"row_id": row_id, "url": row["url"], **drop.failure()})
-                        continue
-                    result = results.get(row_id)
-                    jpg = _image(images, result)
-                    if jpg is None:
-                        reason = _missing_reason(result)
-                        failed[reason] += 1
-                        error = result.error if result else "no status recorded by img2dataset"
-                        lost.append(
-                            {"row_id": row_id, "url": row["url"], "reason": reason, "error": error}
-                        )
-                        continue
-                    good.append((row, result, jpg))
-                if not good:
+        for batch in rows.to_batches(TOKENIZE_BATCH):
+            good: list[tuple[dict[str, Any], Any, bytes]] = []
+            for row in batch.to_pylist():
+                row_id = row["row_id"]
+                if not build.in_split(row_id, split):
                     continue
-                tokens = build.tokenizer.encode_batch([row["caption"] for row, _, _ in good])
-                row_ids = np.asarray([row["row_id"] for row, _, _ in good], dtype=np.int64)
-                at = np.searchsorted(build.images.keys, row_ids)
-                positions = written + np.arange(len(good))
-                index.write_table(
-                    pa.table(
-                        {
-                            "key": [row_key(r) for r in row_ids.tolist()],
-                            "shard": [
-                                shard_name(prefix, p)
-                                for p in (positions // build.shard_size).tolist()
-                            ],
-                            "row_id": row_ids,
-                            "sha256": [result.sha256 for _, result, _ in good],
-                            "phash": build.images.phash[at],
-                            "caption_words": [len(row["caption"].split()) for row, _, _ in good],
-                            "original_width": [result.original_width for _, result, _ in good],
-                            "original_height": [result.original_height for _, result, _ in good],
-                        },
-                        schema=_INDEX_SCHEMA,
+                drop = build.drops.get(row_id)
+                if drop is not None:
+                    duplicates[drop.reason] += 1
+                    lost.append({"row_id": row_id, "url": row["url"], **drop.failure()})
+                    continue
+                result = results.get(row_id)
+                jpg = _image(images, result)
+                if jpg is None:
+                    reason = _missing_reason(result)
+                    failed[reason] += 1
+                    error = result.error if result else "no status recorded by img2dataset"
+                    lost.append(
+                        {"row_id": row_id, "url": row["url"], "reason": reason, "error": error}
                     )
+                    continue
+                good.append((row, result, jpg))
+            if not good:
+                continue
+            tokens = build.tokenizer.encode_batch([row["caption"] for row, _, _ in good])
+            row_ids = np.asarray([row["row_id"] for row, _, _ in good], dtype=np.int64)
+            at = np.searchsorted(build.images.keys, row_ids)
+            positions = written + np.arange(len(good))
+            index.write_table(
+                pa.table(
+                    {
+                        "key": [row_key(r) for r in row_ids.tolist()],
+                        "shard": [
+                            shard_name(prefix, p) for p in (positions // build.shard_size).tolist()
+                        ],
+                        "row_id": row_ids,
+                        "sha256": [result.sha256 for _, result, _ in good],
+                        "phash": build.images.phash[at],
+                        "caption_words": [len(row["caption"].split()) for row, _, _ in good],
+                        "original_width": [result.original_width for _, result, _ in good],
+                        "original_height": [result.original_height for _, result, _ in good],
+                    },
+                    schema=_INDEX_SCHEMA,
                 )
-                written += len(good)
-                for (row, result, jpg), ids in zip(good, tokens, strict=True):
-                    # A table source's kept columns; the standard keys win a name clash.
-                    meta = json.loads(row["extra"]) if row.get("extra") else {}
-                    meta |= {
-                        "caption": row["caption"],
-                        "license": row["license"],
-                        "original_height": result.original_height,
-                        "original_width": result.original_width,
-                        "row_id": row["row_id"],
-                        "sha256": result.sha256,
-                        "url": row["url"],
-                    }
-                    yield Sample(row_key(row["row_id"]), jpg, row["caption"], meta, ids)
+            )
+            written += len(good)
+            for (row, result, jpg), ids in zip(good, tokens, strict=True):
+                # A table source's kept columns; the standard keys win a name clash.
+                meta = json.loads(row["extra"]) if row.get("extra") else {}
+                meta |= {
+                    "caption": row["caption"],
+                    "license": row["license"],
+                    "original_height": result.original_height,
+                    "original_width": result.original_width,
+                    "row_id": row["row_id"],
+                    "sha256": result.sha256,
+                    "url": row["url"],
+                }
+                yield Sample(row_key(row["row_id"]), jpg, row["caption"], meta, ids)
         failures.write_table(pa.Table.from_pylist(lost, schema=_FAILURE_SCHEMA))
 
 
@@ -639,6 +664,34 @@ class _RowGroups:
             self.pending, self.rows = [rest], rest.num_rows
 
 
+class _Downloads:
+    """The img2dataset results and tar index of the parts finalize read last: both splits and
+    the duplicate examples read them again (a part's results are ~200 bytes a row, so only a
+    few parts are kept)."""
+
+    KEEP = 2
+
+    def __init__(self, ds_dir: Path) -> None:
+        self.ds_dir = ds_dir
+        self.parts: dict[str, tuple[dict[int, Any], _TarIndex]] = {}
+
+    def part(self, name: str) -> tuple[dict[int, Any], _TarIndex]:
+        from dalle_data.pipeline.retry import read_results
+
+        if name not in self.parts:
+            if len(self.parts) >= self.KEEP:
+                oldest = next(iter(self.parts))
+                self.parts.pop(oldest)[1].close()
+            part_dir = self.ds_dir / "downloaded" / name
+            self.parts[name] = (read_results(part_dir), _TarIndex(part_dir))
+        return self.parts[name]
+
+    def close(self) -> None:
+        for _, images in self.parts.values():
+            images.close()
+        self.parts.clear()
+
+
 class _TarIndex:
     """Random access to the images in a part's img2dataset tars without unpacking them."""
 
@@ -651,10 +704,15 @@ class _TarIndex:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         for handle in self.handles.values():
             handle.close()
+        self.handles.clear()
+        self.index.clear()
 
-    def read(self, shard: str, key: str) -> bytes | None:
+    def _entry(self, shard: str, key: str) -> tuple[int, int] | None:
         if shard not in self.index:
             path = self.part_dir / shard
             if not path.is_file():
@@ -665,7 +723,13 @@ class _TarIndex:
                 if name.endswith(".jpg")
             }
             self.handles[shard] = open(path, "rb")  # noqa: SIM115 (closed in __exit__)
-        entry = self.index[shard].get(f"{key}.jpg")
+        return self.index[shard].get(f"{key}.jpg")
+
+    def has(self, shard: str, key: str) -> bool:
+        return self._entry(shard, key) is not None
+
+    def read(self, shard: str, key: str) -> bytes | None:
+        entry = self._entry(shard, key)
         if entry is None:
             return None
         handle = self.handles[shard]

@@ -10,6 +10,7 @@ server's ``Retry-After``, in the message img2dataset stores (pipeline/failures.p
 from __future__ import annotations
 
 import fcntl
+import functools
 import http.client
 import io
 import os
@@ -18,15 +19,16 @@ import socket
 import ssl
 import struct
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from dalle_data.pipeline.failures import failure_reason, http_reason, tagged
 
@@ -105,20 +107,136 @@ class Fetch:
         host = host_of(url)
         if host and self.max_requests_per_second and self.hosts_dir:
             HostSchedule(self.hosts_dir, self.max_requests_per_second).wait(host)
-        request = urllib.request.Request(url, headers={"User-Agent": self.user_agent})
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as answer:
-                if disallowed_header_directives and is_disallowed(
-                    answer.headers, user_agent_token, disallowed_header_directives
-                ):
-                    message = "Use of image disallowed by X-Robots-Tag directive"
-                    return key, None, tagged("x_robots_tag_opt_out", message)
-                return key, io.BytesIO(answer.read()), None
+            headers, body = get(url, {"User-Agent": self.user_agent}, timeout)
+            if disallowed_header_directives and is_disallowed(
+                headers, user_agent_token, disallowed_header_directives
+            ):
+                message = "Use of image disallowed by X-Robots-Tag directive"
+                return key, None, tagged("x_robots_tag_opt_out", message)
+            return key, io.BytesIO(body), None
         except Exception as err:  # noqa: BLE001 (every failure becomes a counted reason)
             after = (
                 err.headers.get("Retry-After") if isinstance(err, urllib.error.HTTPError) else None
             )
             return key, None, tagged(reason_of(err), str(err), after)
+
+
+# Connections a download thread keeps open (one per host, the least recently used closed).
+KEEP_CONNECTIONS = 8
+# Redirects followed before giving up, as urllib does.
+MAX_REDIRECTS = 10
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+class _Connections(threading.local):
+    """This thread's open HTTP(S) connections, by ``(scheme, host, port)``.
+
+    urllib opens a connection (and a TLS session) per request and asks the server to close
+    it; a crawl of one big host (WIT's upload.wikimedia.org, Flickr's farms) then pays a TCP
+    and TLS handshake per image and the host a connection per image.
+    """
+
+    def __init__(self) -> None:
+        self.open: OrderedDict[tuple[str, str, int], http.client.HTTPConnection] = OrderedDict()
+
+    def take(self, scheme: str, host: str, port: int, timeout: float) -> tuple[Any, bool]:
+        """A connection to the origin and whether it was used before."""
+        origin = (scheme, host, port)
+        connection = self.open.pop(origin, None)
+        if connection is not None:
+            connection.timeout = timeout
+            if connection.sock is not None:
+                connection.sock.settimeout(timeout)
+            return connection, True
+        if scheme == "https":
+            connection = http.client.HTTPSConnection(
+                host, port, timeout=timeout, context=_tls_context()
+            )
+        else:
+            connection = http.client.HTTPConnection(host, port, timeout=timeout)
+        return connection, False
+
+    def give_back(self, scheme: str, host: str, port: int, connection: Any) -> None:
+        self.open[(scheme, host, port)] = connection
+        while len(self.open) > KEEP_CONNECTIONS:
+            self.open.popitem(last=False)[1].close()
+
+
+_CONNECTIONS = _Connections()
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """urllib's default: the system's CA certificates, hostnames checked (loaded once)."""
+    return ssl.create_default_context()
+
+
+def get(url: str, headers: dict[str, str], timeout: float) -> tuple[Any, bytes]:
+    """GET ``url``: ``(response headers, body)``, following redirects; what urllib's
+    ``urlopen`` does, raising the same errors (HTTPError for a non-2xx answer, URLError
+    around a connection failure), but over a kept-alive connection per host and thread.
+    URLs urllib handles otherwise (file:, a configured proxy) go through urllib."""
+    seen: list[str] = []
+    while True:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or _proxied(parts.scheme, parts.hostname or ""):
+            with urllib.request.urlopen(
+                urllib.request.Request(url, headers=headers), timeout=timeout
+            ) as answer:
+                return answer.headers, answer.read()
+        status, reason, answer_headers, body = _exchange(parts, headers, timeout)
+        location = answer_headers.get("Location") if status in _REDIRECTS else None
+        if location is not None:
+            seen.append(url)
+            url = urljoin(url, location)
+            if (
+                len(seen) > MAX_REDIRECTS
+                or url in seen
+                or urlsplit(url).scheme not in ("http", "https", "ftp")
+            ):
+                raise urllib.error.HTTPError(
+                    url, status, f"redirect error: {reason}", answer_headers, None
+                )
+            continue
+        if not 200 <= status < 300:
+            raise urllib.error.HTTPError(url, status, reason, answer_headers, None)
+        return answer_headers, body
+
+
+def _exchange(parts: Any, headers: dict[str, str], timeout: float) -> tuple[int, str, Any, bytes]:
+    """One request and its whole answer, on a kept connection when there is one; a kept
+    connection the server closed meanwhile is replaced once (the request never reached it)."""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or ""
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    while True:
+        connection, reused = _CONNECTIONS.take(parts.scheme, host, port, timeout)
+        try:
+            connection.request("GET", target, headers=headers)
+            answer = connection.getresponse()
+            body = answer.read()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
+            connection.close()
+            if reused:
+                continue
+            raise urllib.error.URLError(err) from err
+        except OSError as err:
+            connection.close()
+            raise urllib.error.URLError(err) from err
+        except BaseException:
+            connection.close()
+            raise
+        if answer.will_close:
+            connection.close()
+        else:
+            _CONNECTIONS.give_back(parts.scheme, host, port, connection)
+        return answer.status, answer.reason, answer.headers, body
+
+
+def _proxied(scheme: str, host: str) -> bool:
+    """Whether the environment sends ``scheme`` requests to ``host`` through a proxy."""
+    return scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)
 
 
 def reason_of(err: BaseException) -> str:
