@@ -4,6 +4,7 @@ prefetched, evicted least recently used, fetched only by the rank that reads the
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from dalle_data import locations
 from dalle_data.model import loader
 from dalle_data.model.loader import LoaderSpec, ShardRef
 from dalle_data.model.shard_cache import (
+    INCOMING,
     CacheError,
     CacheSpec,
     RemoteShard,
@@ -139,6 +141,24 @@ def test_the_cache_stays_bounded_evicting_least_recently_used(
         ShardFetcher(
             CacheSpec(cache, max_bytes=largest), {0: RemoteShard("s3://b/x", "0", largest)}, [0]
         )
+
+
+def test_partial_downloads_of_a_killed_loader_are_removed(tmp_path: Path) -> None:
+    """A loader killed mid-fetch leaves ``.incoming/<sha256>.<pid>.tar``; the next fetcher
+    on the cache removes it, and leaves a live process's download alone."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    incoming = tmp_path / "cache" / INCOMING
+    incoming.mkdir(parents=True)
+    abandoned = incoming / f"{'a' * 64}.{int(gone.stdout)}.tar"
+    live = incoming / f"{'b' * 64}.{os.getpid()}.tar"
+    for path in (abandoned, live):
+        path.write_bytes(b"half a shard")
+    ShardFetcher(CacheSpec(tmp_path / "cache", max_bytes=10**6), {}, []).close()
+    assert not abandoned.exists() and live.exists()
 
 
 def test_the_next_shards_are_fetched_while_one_is_read(remote_shards: str, tmp_path: Path) -> None:

@@ -118,6 +118,7 @@ class ShardFetcher:
                 f"least {(spec.prefetch + 2) * largest} bytes per loader process"
             )
         spec.directory.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(spec.directory / INCOMING)
 
     def get(self, shard: int) -> Path | None:
         """The local path of ``shard`` (fetched and verified), or None if skipped as corrupt."""
@@ -203,6 +204,25 @@ class ShardFetcher:
                 path.unlink(missing_ok=True)
                 total -= size
                 self.stats.evicted += 1
+
+
+def _remove_abandoned(incoming: Path) -> None:
+    """Delete partial downloads (``<sha256>.<pid>.tar``) whose process is gone: a loader
+    killed mid-fetch leaves one, and nothing else would ever read or remove it."""
+    for path in incoming.glob("*.*.tar"):
+        pid = path.suffixes[-2][1:] if len(path.suffixes) >= 2 else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _size(path: Path) -> int | None:
