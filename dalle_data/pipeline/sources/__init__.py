@@ -173,6 +173,29 @@ def make_dropped(stage: str, reason: str | pa.Array, columns: dict[str, Any], n:
     return pa.Table.from_arrays(arrays, schema=DROPPED_SCHEMA)
 
 
+def drop_first_failed(
+    stage: str,
+    checks: list[tuple[str, np.ndarray]],
+    columns: dict[str, pa.Array],
+    also: Callable[[str, pa.Array], dict[str, pa.Array]] | None = None,
+) -> tuple[np.ndarray, list[pa.Table]]:
+    """Each row that fails one of ``checks`` (reason, mask), in order, dropped under the
+    first it fails with its ``columns`` (and ``also(reason, selection)``): the mask of the
+    rows left, and the dropped tables."""
+    n = len(next(iter(columns.values())))
+    remaining = np.ones(n, dtype=bool)
+    dropped = []
+    for reason, mask in checks:
+        mask = mask & remaining
+        remaining &= ~mask
+        if mask.any():
+            sel = pa.array(mask)
+            picked = {k: v.filter(sel) for k, v in columns.items()}
+            picked |= also(reason, sel) if also else {}
+            dropped.append(make_dropped(stage, reason, picked, int(mask.sum())))
+    return remaining, dropped
+
+
 def concat_dropped(tables: list[pa.Table]) -> pa.Table:
     tables = [t for t in tables if t.num_rows]
     return pa.concat_tables(tables) if tables else DROPPED_SCHEMA.empty_table()

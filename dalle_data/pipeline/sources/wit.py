@@ -23,7 +23,7 @@ from dalle_data.pipeline.sources import (
     concat_dropped,
     csv_batches,
     decode_utf8,
-    make_dropped,
+    drop_first_failed,
     make_rows,
     row_ids,
     whole_numbers,
@@ -87,16 +87,8 @@ def parse_batch(
         ("mime_type", ~_is_in(cols["mime_type"], list(MIME_TYPES))),
         ("no_caption", pc.equal(pc.binary_length(caption), 0).to_numpy(zero_copy_only=False)),
     ]
-    remaining = np.ones(n, dtype=bool)
-    dropped = []
     raw = {"row_id": ids, "url": cols["image_url"], "caption": caption}
-    for reason, mask in reasons:
-        mask = mask & remaining
-        remaining &= ~mask
-        if mask.any():
-            sel = pa.array(mask)
-            picked = {k: v.filter(sel) for k, v in raw.items()}
-            dropped.append(make_dropped(STAGE, reason, picked, int(mask.sum())))
+    remaining, dropped = drop_first_failed(STAGE, reasons, raw)
     keep = pa.array(remaining)
     rows = make_rows(
         {

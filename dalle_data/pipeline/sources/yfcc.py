@@ -36,6 +36,7 @@ from dalle_data.pipeline.sources import (
     SourceFile,
     concat_dropped,
     decode_utf8,
+    drop_first_failed,
     escaped,
     make_dropped,
     make_rows,
@@ -246,17 +247,12 @@ def select_rows(
     if subset is not None:
         checks.append(("not_in_subset", ~_member(ids.fill_null(-1).to_numpy(), subset)))
     checks.append(("license", ~license_ok))
-    remaining = np.ones(m, dtype=bool)
-    dropped = []
-    for reason, mask in checks:
-        mask = mask & remaining
-        remaining &= ~mask
-        if mask.any():
-            sel = pa.array(mask)
-            picked = {k: v.filter(sel) for k, v in cols.items()}
-            if reason == "bad_photo_id":
-                picked["raw"] = raw(sel)
-            dropped.append(make_dropped(STAGE, reason, picked, int(mask.sum())))
+    remaining, dropped = drop_first_failed(
+        STAGE,
+        checks,
+        cols,
+        also=lambda reason, sel: {"raw": raw(sel)} if reason == "bad_photo_id" else {},
+    )
     keep = pa.array(remaining)
     captions = pa.array(
         [
