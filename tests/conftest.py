@@ -11,6 +11,7 @@ import pytest
 
 import dalle_data.compat  # noqa: F401  (offline env vars and the dalle_pytorch shim, first)
 from tests.helpers.http import LocalServer, serve
+from tests.helpers.gcs import GCSServer, gcs_emulator
 from tests.helpers.s3 import S3Server, moto_server
 
 # Snakemake rules call `dalle-data`: subprocesses must find this interpreter's scripts
@@ -29,6 +30,13 @@ def http_server() -> Iterator[LocalServer]:
 def s3() -> Iterator[S3Server]:
     """moto's S3 server on 127.0.0.1 for the session, with AWS_* set in the environment."""
     with moto_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCSServer]:
+    """gcp-storage-emulator on 127.0.0.1 for the session, with STORAGE_EMULATOR_HOST set."""
+    with gcs_emulator(tmp_path_factory.mktemp("gcs")) as server:
         yield server
 
 

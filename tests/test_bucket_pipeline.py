@@ -1,6 +1,7 @@
-"""The pipeline with a bucket output_dir: shards built to S3 through Snakemake's storage
-plugin are byte-identical to a local build, objects appear only complete, and kill -9 during
-the upload followed by the same command ends identical. Against moto's S3 on 127.0.0.1."""
+"""The pipeline with a bucket output_dir: shards built to a bucket through Snakemake's
+storage plugin are byte-identical to a local build, objects appear only complete, and kill -9
+during the upload followed by the same command ends identical. Against moto's S3 and
+gcp-storage-emulator's GCS, both on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -17,12 +18,16 @@ from tests.test_download import image_bytes, write_metadata
 
 
 @pytest.mark.slow
-def test_shards_built_to_a_bucket_equal_a_local_build_even_after_kill_9(tmp_path: Path, s3) -> None:
-    bucket = s3.bucket()
+@pytest.mark.parametrize("store", ["s3", "gcs"])
+def test_shards_built_to_a_bucket_equal_a_local_build_even_after_kill_9(
+    tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> None:
+    server = request.getfixturevalue(store)  # tests/helpers/{s3,gcs}.py
+    bucket = server.bucket()
     routes = {f"/{i}.jpg": Route(image_bytes("RGB", (80 + i, 70), "JPEG", i)) for i in range(10)}
-    with serve(routes) as server:
+    with serve(routes) as http:
         rows = [
-            {"row_id": 10 * i + 3, "url": server.url(f"/{i}.jpg"), "caption": f"photo {i}"}
+            {"row_id": 10 * i + 3, "url": http.url(f"/{i}.jpg"), "caption": f"photo {i}"}
             for i in range(10)
         ]
         builds = {}
@@ -30,7 +35,7 @@ def test_shards_built_to_a_bucket_equal_a_local_build_even_after_kill_9(tmp_path
             work = tmp_path / mode
             write_metadata(work / "data" / "cc12m", rows, {"too_short": 2})
             (work / "Snakefile").write_text(SNAKEFILE)
-            out = "data" if mode == "local" else f"s3://{bucket}/run/data"
+            out = "data" if mode == "local" else f"{server.scheme}://{bucket}/run/data"
             (work / "extra.yaml").write_text(
                 CONFIG.replace("output_dir: data", f"output_dir: {out}")
             )
@@ -42,28 +47,27 @@ def test_shards_built_to_a_bucket_equal_a_local_build_even_after_kill_9(tmp_path
         # Bucket build: kill -9 as soon as the first object of the shards folder is listed.
         work = builds["bucket"]
         prefix = "run/data/cc12m/shards/"
-        client = s3.client()
         proc = snakemake(work, "--cores", "2", "target")
         deadline = time.monotonic() + 300
-        while not client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount"):
+        while not server.keys(bucket, prefix):
             assert proc.poll() is None, proc.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "the upload never started"
             time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        at_kill = s3.objects(bucket, prefix)
+        at_kill = server.objects(bucket, prefix)
         # every object listed is whole: exactly the local build's file of that name
         assert at_kill and all(local[name] == body for name, body in at_kill.items())
         finished(snakemake(work, "--unlock"))
         log = finished(snakemake(work, "--cores", "2", "--rerun-incomplete", "target"))
-    uploaded = s3.objects(bucket, prefix)
+    uploaded = server.objects(bucket, prefix)
     # the bucket holds exactly the shards folder built in work_dir, every byte ...
     staged = work / "data" / "cc12m" / "shards"
     assert uploaded == {p.name: p.read_bytes() for p in staged.iterdir()}
     # ... and, but for build.json (the run's facts: times, host), what a local build gives
     assert {k: v for k, v in uploaded.items() if k != "build.json"} == local
-    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert server.unfinished_uploads(bucket) == []
     # the stages before the upload ran locally, in work_dir
     assert (work / "data" / "cc12m" / "downloaded").is_dir()
     # no credential in anything the pipeline wrote or printed
-    s3.assert_secret_nowhere(bucket, [work], log)
+    server.assert_secret_nowhere(bucket, [work], log)
