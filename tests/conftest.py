@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import dalle_data.compat  # noqa: F401  (offline env vars and the dalle_pytorch shim, first)
-from tests.helpers.http import LocalServer, serve
 from tests.helpers.gcs import GCSServer, gcs_emulator
+from tests.helpers.http import LocalServer, serve
 from tests.helpers.s3 import S3Server, moto_server
 
 # Snakemake rules call `dalle-data`: subprocesses must find this interpreter's scripts
