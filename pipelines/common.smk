@@ -27,10 +27,10 @@ if BUCKET and workflow.is_main_process and not any(Path(".snakemake/locks").glob
     # Snakemake keeps its local copy of a folder it sends to storage. Left over from a run
     # killed mid-upload, that copy makes the rerun fail (Snakemake 9.27 caches it as present,
     # removes it as an incomplete output, then finds it "write-protected"). It only holds
-    # hard links to work_dir's shards: drop it before the DAG is built (never while another
-    # Snakemake holds this folder's lock). storage() names that copy for any plugin.
+    # hard links to work_dir's shards and eval split: drop it before the DAG is built (never
+    # while another Snakemake holds this folder's lock). storage() names it for any plugin.
     _copy = Path(storage(BUCKET))
-    for _stale in _copy.glob("*/shards"):
+    for _stale in [*_copy.glob("*/shards"), *_copy.glob("*/eval")]:
         shutil.rmtree(_stale)
 if config["storage_options"]:
     # Non-secret fsspec options for every `dalle-data` command (dalle_data/locations.py).
