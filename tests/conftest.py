@@ -33,9 +33,10 @@ def s3() -> Iterator[S3Server]:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCSServer]:
-    """gcp-storage-emulator on 127.0.0.1 for the session, with STORAGE_EMULATOR_HOST set."""
+    """gcp-storage-emulator on 127.0.0.1 for a module's tests, with STORAGE_EMULATOR_HOST
+    and GOOGLE_APPLICATION_CREDENTIALS set only meanwhile."""
     with gcs_emulator(tmp_path_factory.mktemp("gcs")) as server:
         yield server
 
