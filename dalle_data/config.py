@@ -168,17 +168,25 @@ def coerce(node: Any, schema: dict[str, Any], root: dict[str, Any]) -> Any:
     return node
 
 
+# Bucket schemes an output_dir may have: those with a Snakemake storage plugin in the
+# `storage` extra (snakemake-storage-plugin-s3, -gcs), which moves the finished shards.
+PIPELINE_BUCKETS = frozenset({"s3", "gs", "gcs"})
+
+
 def _check_locations(config: dict[str, Any]) -> None:
-    """A bucket output_dir must be writable; storage options must hold no secret."""
+    """A bucket output_dir needs a Snakemake storage plugin; storage options hold no secret."""
     try:
         locations.normalize(config["output_dir"])
         locations.check_options(config["storage_options"], "config key storage_options")
     except locations.LocationError as err:
         raise ConfigError(f"config key output_dir or storage_options: {err}") from None
-    if locations.scheme(config["output_dir"]) in locations.READ_ONLY:
+    bucket = locations.scheme(config["output_dir"])
+    if bucket and bucket not in PIPELINE_BUCKETS:
         raise ConfigError(
-            f"config key output_dir: {config['output_dir']} is read-only (http): use a local "
-            "folder or an s3:// or gs:// bucket URL"
+            f"config key output_dir: the pipeline cannot write to {config['output_dir']} "
+            f"({bucket}:// has no Snakemake storage plugin): use a local folder or an s3:// "
+            "or gs:// bucket URL, then `dalle-data put` the shards folder or "
+            "`dalle-data publish` a checkpoint to an hf:// location"
         )
 
 

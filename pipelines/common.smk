@@ -19,17 +19,18 @@ DS = resolve(config)
 
 # Where the stages write: output_dir, or work_dir when output_dir is a bucket URL. Then
 # each dataset's finished shards/ go to BUCKET through Snakemake's storage plugin
-# (rule bucket_shards) and training streams them from there.
+# (rule bucket_shards: the plugin of the URL's scheme, s3 or gcs) and training streams
+# them from there.
 OUT = ddconfig.local_output_dir(config)
 BUCKET = ddconfig.bucket_output_dir(config)
 if BUCKET and workflow.is_main_process and not any(Path(".snakemake/locks").glob("*")):
     # Snakemake keeps its local copy of a folder it sends to storage. Left over from a run
     # killed mid-upload, that copy makes the rerun fail (Snakemake 9.27 caches it as present,
     # removes it as an incomplete output, then finds it "write-protected"). It only holds
-    # hard links to work_dir's shards: drop it before the DAG is built (never while another
-    # Snakemake holds this folder's lock).
-    _copy = workflow.storage_settings.local_storage_prefix / BUCKET.replace("://", "/", 1)
-    for _stale in _copy.glob("*/shards"):
+    # hard links to work_dir's shards and eval split: drop it before the DAG is built (never
+    # while another Snakemake holds this folder's lock). storage() names it for any plugin.
+    _copy = Path(storage(BUCKET))
+    for _stale in [*_copy.glob("*/shards"), *_copy.glob("*/eval")]:
         shutil.rmtree(_stale)
 if config["storage_options"]:
     # Non-secret fsspec options for every `dalle-data` command (dalle_data/locations.py).

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import dalle_data.compat  # noqa: F401  (offline env vars and the dalle_pytorch shim, first)
+from tests.helpers.gcs import GCSServer, gcs_emulator
 from tests.helpers.http import LocalServer, serve
 from tests.helpers.s3 import S3Server, moto_server
 
@@ -29,6 +30,14 @@ def http_server() -> Iterator[LocalServer]:
 def s3() -> Iterator[S3Server]:
     """moto's S3 server on 127.0.0.1 for the session, with AWS_* set in the environment."""
     with moto_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCSServer]:
+    """gcp-storage-emulator on 127.0.0.1 for a module's tests, with STORAGE_EMULATOR_HOST
+    and GOOGLE_APPLICATION_CREDENTIALS set only meanwhile."""
+    with gcs_emulator(tmp_path_factory.mktemp("gcs")) as server:
         yield server
 
 

@@ -84,6 +84,23 @@ def test_output_dir_placeholder_follows_an_overridden_output_dir():
     assert cfg["datasets"]["cc12m"]["source"].startswith("https://")
 
 
+@pytest.mark.parametrize("url", ["s3://bucket/run", "gs://bucket/run/"])
+def test_a_bucket_output_dir_builds_in_work_dir(url):
+    cfg = defaults()
+    cfg["output_dir"] = url
+    config.validate(cfg)
+    assert config.local_output_dir(cfg) == "data"
+    assert config.bucket_output_dir(cfg) == url.rstrip("/")
+
+
+@pytest.mark.parametrize("url", ["hf://datasets/me/shards", "https://example.org/data"])
+def test_an_output_dir_without_a_storage_plugin_is_refused(url):
+    cfg = defaults()
+    cfg["output_dir"] = url
+    with pytest.raises(config.ConfigError, match="no Snakemake storage plugin.*dalle-data put"):
+        config.validate(cfg)
+
+
 def test_eval_and_dedup_defaults():
     cfg = config.validate(defaults())
     assert cfg["dedup"] == {"max_distance": 3}

@@ -28,6 +28,8 @@ class S3Server:
     access_key: str
     secret_key: str
 
+    scheme = "s3"
+
     @property
     def env(self) -> dict[str, str]:
         return {
@@ -48,6 +50,16 @@ class S3Server:
             aws_secret_access_key=self.secret_key,
             region_name="us-east-1",
         )
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """The keys of the objects of ``bucket`` under ``prefix``."""
+        listed = self.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
+        return [o["Key"] for o in listed.get("Contents", [])]
+
+    def unfinished_uploads(self, bucket: str) -> list[str]:
+        """Multipart uploads begun in ``bucket`` and neither completed nor aborted."""
+        uploads = self.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        return [u["Key"] for u in uploads]
 
     def objects(self, bucket: str, prefix: str = "") -> dict[str, bytes]:
         """Every object of ``bucket`` (a name or an ``s3://`` URL) under ``prefix``, by key
