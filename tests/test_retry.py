@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dalle_data.formats.manifest import read_manifest
+from dalle_data.pipeline import download as download_module
 from dalle_data.pipeline.dataset_card import write_card
 from dalle_data.pipeline.download import DownloadSettings
 from dalle_data.pipeline.failures import REASONS, RETRYABLE, failure_reason, retry_after
@@ -299,9 +300,10 @@ def two_hosts() -> Iterator[tuple[LocalServer, LocalServer]]:
 
 
 def test_rate_per_host_holds_across_processes(
-    tmp_path: Path, two_hosts: tuple[LocalServer, LocalServer]
+    tmp_path: Path, two_hosts: tuple[LocalServer, LocalServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     busy, quiet = two_hosts
+    monkeypatch.setattr(download_module, "ROWS_PER_WORKER", 1)  # two workers for 48 rows
     rate = 8
     urls = [busy.url(f"/{i}.jpg") for i in range(48)]
     urls[5:45:10] = [quiet.url(f"/{i}.jpg") for i in range(4)]
@@ -316,8 +318,10 @@ def test_rate_per_host_holds_across_processes(
         user_agent_token="dalle-data-test",
         contact="https://example.org/crawler",
     )
-    # Every row downloaded (its 5 pictures repeat, so image dedup writes fewer samples).
+    # Every row downloaded (its 5 pictures repeat, so image dedup writes fewer samples) ...
     assert manifest["counts"]["input_rows"] == 48 and not manifest["counts"]["failed"]
+    # ... by two img2dataset worker processes, a shard each
+    assert len(list((ds_dir / "downloaded" / "part-00000").glob("*_stats.json"))) == 2
     for server, n in ((busy, 44), (quiet, 4)):
         times = sorted(s.at for s in server.seen)
         assert len(times) == n

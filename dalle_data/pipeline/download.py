@@ -49,6 +49,9 @@ PARAMS = "dalle_data.params"
 # The params key saying how img2dataset's input was ordered: it decides which rows share
 # an img2dataset shard, never what is downloaded, so it stays out of the manifest.
 INPUT_ORDER = "input_order"
+# Rows that pay for starting one more img2dataset worker process (a retry round of a few
+# failed rows, the bundled sample, a small folder).
+ROWS_PER_WORKER = 200
 MAX_SAMPLES_PER_SHARD = 10_000
 
 
@@ -128,7 +131,8 @@ def download_part(
     rows = pq.read_metadata(part).num_rows
     partial = out_dir.with_name(out_dir.name + ".partial")
     params_path = partial / PARAMS
-    per_shard = max(1, min(MAX_SAMPLES_PER_SHARD, math.ceil(rows / max(1, settings.processes))))
+    processes = _workers(rows, settings.processes)
+    per_shard = max(1, min(MAX_SAMPLES_PER_SHARD, math.ceil(rows / processes)))
     expected = math.ceil(rows / per_shard)
     rate = settings.max_requests_per_second_per_host
     # A resumed part must cut its rows into the same img2dataset shards as the first attempt.
@@ -150,7 +154,9 @@ def download_part(
     with contextlib.ExitStack() as stack:
         if scratch is None:
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dalle-data-")))
-        _run_part(part, partial, settings, scratch, rows=rows, per_shard=per_shard)
+        _run_part(
+            part, partial, settings, scratch, rows=rows, per_shard=per_shard, processes=processes
+        )
     done = sorted(partial.glob("*_stats.json"))
     if len(done) != expected:
         raise DownloadError(
@@ -163,6 +169,12 @@ def download_part(
         shutil.rmtree(out_dir)
     os.replace(partial, out_dir)
     return _stats(out_dir, part)
+
+
+def _workers(rows: int, processes: int) -> int:
+    """img2dataset worker processes for ``rows``: at most one per ROWS_PER_WORKER rows, since
+    each costs ~1.5 s of CPU to start (imports) and a few rows download in a blink."""
+    return max(1, min(processes, math.ceil(rows / ROWS_PER_WORKER)))
 
 
 def _finished(out_dir: Path, params: dict[str, Any]) -> bool:
@@ -197,6 +209,7 @@ def _run_part(
     *,
     rows: int,
     per_shard: int,
+    processes: int,
 ) -> None:
     """img2dataset on ``part`` into ``partial``, its requests paced per host when limited."""
     rate = settings.max_requests_per_second_per_host
@@ -232,7 +245,7 @@ def _run_part(
         max_aspect_ratio=settings.max_aspect_ratio,
         timeout=settings.timeout,
         retries=settings.retries,
-        processes_count=settings.processes,
+        processes_count=processes,
         thread_count=settings.thread_count,
         number_sample_per_shard=per_shard,
         distributor=settings.distributor,

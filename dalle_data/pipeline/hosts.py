@@ -138,7 +138,7 @@ class _Connections(threading.local):
     """
 
     def __init__(self) -> None:
-        self.open: OrderedDict[tuple[str, str, int], http.client.HTTPConnection] = OrderedDict()
+        self.open = _OpenConnections()
 
     def take(self, scheme: str, host: str, port: int, timeout: float) -> tuple[Any, bool]:
         """A connection to the origin and whether it was used before."""
@@ -161,6 +161,14 @@ class _Connections(threading.local):
         self.open[(scheme, host, port)] = connection
         while len(self.open) > KEEP_CONNECTIONS:
             self.open.popitem(last=False)[1].close()
+
+
+class _OpenConnections(OrderedDict[tuple[str, str, int], http.client.HTTPConnection]):
+    """Closes what it holds when its thread ends (the thread-local goes with it)."""
+
+    def __del__(self) -> None:
+        for connection in self.values():
+            connection.close()
 
 
 _CONNECTIONS = _Connections()
