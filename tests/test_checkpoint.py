@@ -14,11 +14,11 @@ from dalle_data.model import checkpoint, vqgan
 from dalle_data.model.checkpoint import (
     CheckpointError,
     build_dalle,
-    family,
     load_checkpoint,
     save_checkpoint,
     summary,
 )
+from dalle_data.model.lineage import family
 from tests.helpers import models
 
 TRAIN_DALLE_KEYS = [

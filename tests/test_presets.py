@@ -23,6 +23,24 @@ def test_shipped_presets_name_their_architecture() -> None:
     assert preset_family(REPO / "configs/models/taming-12L.yaml") == "taming"
 
 
+def test_naming_a_run_from_a_preset_does_not_import_torch() -> None:
+    """Snakemake evaluates the train rule's output name at every start, `snakemake --unlock`
+    and a shards-only target included: from a preset that must cost no torch import (~1.5 s)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from dalle_data.model.output_name import planned_output\n"
+        "out = planned_output(Path('data/models/tiny.pt'), 'cc12m', 1, Path('models'))\n"
+        "assert out.parts[:2] == ('models', 'custom'), out\n"
+        "print('torch' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "False"
+
+
 def test_init_builds_a_fresh_parent_from_the_shards(tmp_path: Path) -> None:
     shards = write_dataset(tmp_path, 32, 16)
     preset = write_preset(tmp_path / "tiny.yaml")

@@ -28,6 +28,7 @@ from dalle_data.model.lineage import (
     Architecture,
     LineageError,
     Segment,
+    family,
     format_epochs,
     format_lineage,
     model_name,
@@ -38,7 +39,6 @@ from dalle_data.model.lineage import (
 if TYPE_CHECKING:
     from torch import nn
 
-_FAMILIES = {"VQGanVAE": "taming", "OpenAIDiscreteVAE": "openai", "DiscreteVAE": "custom"}
 _REQUIRED = ("hparams", "vae_params", "weights")
 # The only persistent buffer DALLE 1.6.6 keeps (rotary frequencies): not a parameter.
 _BUFFERS = frozenset({"transformer.pos_emb"})
@@ -113,17 +113,6 @@ def _checked(ckpt: Any, path: Path) -> dict[str, Any]:
             f"{path}: weights is a {type(ckpt['weights']).__name__}, not a state dict"
         )
     return _upgrade(ckpt, path)
-
-
-def family(vae_class_name: str) -> str:
-    """The DALLE-models family folder of a VAE class: taming, openai or custom."""
-    try:
-        return _FAMILIES[vae_class_name]
-    except KeyError:
-        raise CheckpointError(
-            f"unknown VAE class {vae_class_name!r}; dalle-data knows "
-            f"{', '.join(f'{cls} ({fam})' for cls, fam in _FAMILIES.items())}"
-        ) from None
 
 
 def build_vae(

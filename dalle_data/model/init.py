@@ -82,9 +82,7 @@ def preset_name(preset_path: Path, num_text_tokens: int = 1) -> str:
 
 def preset_family(preset_path: Path) -> str:
     """taming or custom, from the preset's VAE class."""
-    from dalle_data.model.checkpoint import family
-
-    return family(load_preset(preset_path)["vae"]["class"])
+    return lin.family(load_preset(preset_path)["vae"]["class"])
 
 
 def _shard_refs(dirs: Sequence[Path]) -> tuple[tuple[ShardRef, ...], dict[str, Any], int]:
@@ -172,7 +170,7 @@ def init_parent(
 
     from dalle_data.compat import import_dalle_pytorch
     from dalle_data.formats import tokenizers
-    from dalle_data.model.checkpoint import build_vae, family, model_int, save_checkpoint
+    from dalle_data.model.checkpoint import build_vae, model_int, save_checkpoint
 
     preset = load_preset(preset_path)
     refs, recorded, image_size = _shard_refs(shards) if shards else ((), {}, 0)
@@ -219,7 +217,7 @@ def init_parent(
         scheduler_state=None,
         lineage={
             "name": name,
-            "family": family(vae_class),
+            "family": lin.family(vae_class),
             "segments": "",
             "history": [],
             "init": {

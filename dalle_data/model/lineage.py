@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
-from dalle_data.errors import DalleDataError
+from dalle_data.errors import CheckpointError, DalleDataError
 
 FAMILIES = ("taming", "openai", "custom")
 """Folder names of the DALLE-models collection, one per VAE kind."""
@@ -288,3 +288,18 @@ def _normal(value: Decimal) -> Decimal:
     """One representation per value (``2.50`` -> ``2.5``) so equal segments print alike."""
     normal = value.quantize(_CENT).normalize()
     return normal.quantize(Decimal(1)) if normal == normal.to_integral_value() else normal
+
+
+# The family folder (``taming/<name>``) of a checkpoint, by its VAE class.
+VAE_FAMILIES = {"VQGanVAE": "taming", "OpenAIDiscreteVAE": "openai", "DiscreteVAE": "custom"}
+
+
+def family(vae_class_name: str) -> str:
+    """The DALLE-models family folder of a VAE class: taming, openai or custom."""
+    try:
+        return VAE_FAMILIES[vae_class_name]
+    except KeyError:
+        raise CheckpointError(
+            f"unknown VAE class {vae_class_name!r}; dalle-data knows "
+            f"{', '.join(f'{cls} ({fam})' for cls, fam in VAE_FAMILIES.items())}"
+        ) from None

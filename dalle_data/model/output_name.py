@@ -76,7 +76,7 @@ def planned_output(
         ckpt = ckpt_io.load_checkpoint(parent)
         segments, _, _ = parent_history(ckpt, parent, parent_lineage)
         arch = lin.Architecture.from_hparams(ckpt["hparams"])
-        family = ckpt_io.family(ckpt["vae_class_name"])
+        family = lin.family(ckpt["vae_class_name"])
     else:
         preset = Path(presets_dir) / f"{parent.stem}.yaml"
         if not preset.is_file():

@@ -324,7 +324,7 @@ def plan_run(args: TrainArgs, dist: Dist) -> Run:
     except lin.LineageError as err:
         raise TrainError(f"{err} ({total} of {per_epoch} steps per epoch)") from err
     name = lin.model_name(lin.Architecture.from_hparams(ckpt["hparams"]), new_segments)
-    family = ckpt_io.family(ckpt["vae_class_name"])
+    family = lin.family(ckpt["vae_class_name"])
     parent_sha = sha256_file(parent_path)
     rid = run_id(args, parent_sha, data, dist.world_size)
     local_root, published_root = output_roots(args.output_dir, args.cache_dir)
