@@ -135,8 +135,8 @@ of the process (ru_maxrss, hashes and index included): {peak_gib:.2f} GiB
 
 Hashing cost per image (256 x 256 JPEG, quality 95, one process, {args.images} images):
 reduced decode (draft mode, >= 64 px) + pHash {draft_ms:.2f} ms; full decode + pHash
-{full_ms:.2f} ms. finalize hashes every downloaded image once, in parallel processes over
-download parts when a dataset has more than 20,000 rows.
+{full_ms:.2f} ms. The download workers hash each image as they write it (finalize
+only hashes parts downloaded before they did, in parallel processes over the parts).
 
 Command: `.venv/bin/python benchmarks/bench_dedup.py --hashes {args.hashes}` ({os.cpu_count()}
 CPUs; load average {load_start:.2f} at the start, {load_end:.2f} at the end: other work on
