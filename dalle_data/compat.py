@@ -230,9 +230,9 @@ class _ColumnWriterClass:
         import pyarrow as pa
 
         # (shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format)
-        args = list(args)
-        args[4] = args[4].append(pa.field(self.column, pa.uint64()))
-        return _ColumnWriter(self.writer_class(*args), self.column, self.compute)
+        given = list(args)
+        given[4] = given[4].append(pa.field(self.column, pa.uint64()))
+        return _ColumnWriter(self.writer_class(*given), self.column, self.compute)
 
 
 class _ColumnWriter:

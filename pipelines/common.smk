@@ -18,9 +18,8 @@ ddconfig.validate(config)
 DS = resolve(config)
 
 # Where the stages write: output_dir, or work_dir when output_dir is a bucket URL. Then
-# each dataset's finished shards/ go to BUCKET through Snakemake's storage plugin
-# (rule bucket_shards: the plugin of the URL's scheme, s3 or gcs) and training streams
-# them from there.
+# each dataset's finished shards/ go to BUCKET through Snakemake's storage plugin of the
+# URL's scheme (s3 or gcs; see the bucket_shards rule) and training streams them from there.
 OUT = ddconfig.local_output_dir(config)
 BUCKET = ddconfig.bucket_output_dir(config)
 if BUCKET and workflow.is_main_process and not any(Path(".snakemake/locks").glob("*")):
