@@ -38,7 +38,7 @@ demo: setup ## the offline demo: sample shards -> tiny model -> extended checkpo
 	$(VENV)/bin/snakemake --cores $(CORES) --profile configs/profiles/local all
 	@$(PY) -m dalle_data.demo.summary data
 
-test: setup ## run the test suite (offline; about 9 minutes on 2 cores)
+test: setup ## run the test suite (offline; about 10 minutes on 2 cores)
 	$(PY) -m pytest -q -rs
 
 # snakemake --lint must pass except for "Specify a conda environment or container for each
