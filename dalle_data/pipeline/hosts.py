@@ -212,6 +212,10 @@ def get(url: str, headers: dict[str, str], timeout: float) -> tuple[Any, bytes]:
         return answer_headers, body
 
 
+# What a kept connection the host (or a proxy, or TLS) closed meanwhile raises when reused.
+_CLOSED = (http.client.RemoteDisconnected, ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
+
 def _exchange(parts: Any, headers: dict[str, str], timeout: float) -> tuple[int, str, Any, bytes]:
     """One request and its whole answer, on a kept connection when there is one; a kept
     connection the server closed meanwhile is replaced once (the request never reached it)."""
@@ -224,7 +228,7 @@ def _exchange(parts: Any, headers: dict[str, str], timeout: float) -> tuple[int,
             connection.request("GET", target, headers=headers)
             answer = connection.getresponse()
             body = answer.read()
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
+        except _CLOSED as err:
             connection.close()
             if reused:
                 continue
