@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ from PIL import Image
 from dalle_data.hashing import sha256_file
 from dalle_data.model.checkpoint import save_checkpoint
 from dalle_data.model.lineage import Architecture, model_name, parse_lineage
-from tests.helpers.http import Route, serve
+from tests.helpers.http import Route, free_port, serve
 from tests.helpers.models import TINY_VAE_PARAMS, tiny_dalle, tiny_hparams
 from tests.helpers.s3 import S3Server
 from tests.helpers.tiny import write_tokenizer
@@ -161,12 +160,6 @@ class Server:
         return httpx.get(f"{self.url}{path}", timeout=60, **kwargs)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def run_server(root: Path | str, *options: str, log_dir: Path | None = None) -> Iterator[Server]:
     """``dalle-data serve ROOT`` on a free 127.0.0.1 port, stopped with Ctrl-C afterwards;
@@ -175,7 +168,7 @@ def run_server(root: Path | str, *options: str, log_dir: Path | None = None) -> 
     One torch thread: tiny models sample far faster without thread hand-offs, above all on
     a machine whose cores are shared.
     """
-    port = _free_port()
+    port = free_port()
     log = (log_dir or Path(root).parent) / f"serve-{port}.log"
     command = ["dalle-data", "serve", str(root), "--port", str(port), *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

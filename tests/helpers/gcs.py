@@ -10,14 +10,15 @@ credentials, so the secret tests grep for is the private key of a service-accoun
 from __future__ import annotations
 
 import json
-import os
-import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tests.helpers.buckets import assert_secret_nowhere, environment
+from tests.helpers.http import free_port
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,7 @@ class GCSServer:
     def assert_secret_nowhere(self, bucket: str, folders: list[Path], printed: str) -> None:
         """The credentials file's secret is in no object of ``bucket``, no file below
         ``folders``, and not in ``printed``."""
-        secret = self.secret.encode()
-        assert secret not in printed.encode()
-        for key, body in self.objects(bucket).items():
-            assert secret not in body, key
-        for folder in folders:
-            for path in folder.rglob("*"):
-                assert not path.is_file() or secret not in path.read_bytes(), path
+        assert_secret_nowhere(self.secret, self.objects(bucket), folders, printed)
 
     def bucket(self) -> str:
         """A fresh empty bucket; returns its name."""
@@ -91,9 +86,7 @@ def gcs_emulator(tmp_dir: Path) -> Iterator[GCSServer]:
     stop it after."""
     from gcp_storage_emulator.server import create_server
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+    port = free_port()
     secret = f"dalle-data-test-secret-{uuid.uuid4().hex}"
     credentials = tmp_dir / "service-account.json"
     credentials.write_text(
@@ -111,14 +104,8 @@ def gcs_emulator(tmp_dir: Path) -> Iterator[GCSServer]:
     server = create_server("127.0.0.1", port, in_memory=True)
     server.start()
     gcs = GCSServer(f"http://127.0.0.1:{port}", credentials, secret, server)
-    saved = {k: os.environ.get(k) for k in gcs.env}
     try:
-        os.environ.update(gcs.env)
-        yield gcs
+        with environment(gcs.env):
+            yield gcs
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         server.stop()

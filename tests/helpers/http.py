@@ -106,6 +106,13 @@ class LocalServer:
         return [s.at for s in self.seen if s.path == path]
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server started in another process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @contextmanager
 def serve(routes: dict[str, Route] | None = None, host: str = "127.0.0.1") -> Iterator[LocalServer]:
     """Run a LocalServer for the duration of a ``with`` block."""

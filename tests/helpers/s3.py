@@ -8,7 +8,6 @@ grep for in every output to prove credentials are never written down.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -18,6 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.helpers.buckets import assert_secret_nowhere, environment
+from tests.helpers.http import free_port
 
 
 @dataclass(frozen=True)
@@ -76,13 +78,7 @@ class S3Server:
     def assert_secret_nowhere(self, bucket: str, folders: list[Path], printed: str) -> None:
         """The secret key is in no object of ``bucket``, no file below ``folders``, and not
         in ``printed``."""
-        secret = self.secret_key.encode()
-        assert secret not in printed.encode()
-        for key, body in self.objects(bucket).items():
-            assert secret not in body, key
-        for folder in folders:
-            for path in folder.rglob("*"):
-                assert not path.is_file() or secret not in path.read_bytes(), path
+        assert_secret_nowhere(self.secret_key, self.objects(bucket), folders, printed)
 
     def bucket(self) -> str:
         """A fresh empty bucket; returns its name."""
@@ -91,16 +87,10 @@ class S3Server:
         return bucket
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def moto_server() -> Iterator[S3Server]:
     """Start ``moto_server`` on a free 127.0.0.1 port, set the AWS_* environment, stop it after."""
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).parent / "moto_server"
     proc = subprocess.Popen(
         [str(exe), "-H", "127.0.0.1", "-p", str(port)],
@@ -112,7 +102,6 @@ def moto_server() -> Iterator[S3Server]:
         access_key="testing",
         secret_key=f"dalle-data-test-secret-{uuid.uuid4().hex}",
     )
-    saved = {k: os.environ.get(k) for k in server.env}
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -122,14 +111,9 @@ def moto_server() -> Iterator[S3Server]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"moto_server did not start on port {port}")
             time.sleep(0.1)
-        os.environ.update(server.env)
-        yield server
+        with environment(server.env):
+            yield server
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         proc.terminate()
         try:
             proc.wait(timeout=10)
