@@ -329,12 +329,13 @@ def _hash_images(
     fewer parts than cores."""
     import multiprocessing as mp
 
+    from dalle_data.pipeline.retry import records_phash
+
     names = [p["name"] for p in plan["parts"]]
     unhashed = sum(
-        1
-        for name in names
-        for result in downloads.part(name)[0].values()
-        if _stored(result) and result.phash is None
+        p["rows"]
+        for p in plan["parts"]
+        if not records_phash(downloads.ds_dir / "downloaded" / p["name"])
     )
     processes = min(len(os.sched_getaffinity(0)), math.ceil(unhashed / ROWS_PER_HASH_PROCESS))
     if processes > 1:
@@ -347,10 +348,10 @@ def _hash_images(
         with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
             hashed = list(pool.map(_hash_slice, *zip(*jobs, strict=True)))
     else:
-        hashed = [
-            _hash_rows(sorted(downloads.part(name)[0].items()), downloads.part(name)[1], i)
-            for i, name in enumerate(names)
-        ]
+        hashed = []
+        for i, name in enumerate(names):
+            results, images = downloads.part(name)
+            hashed.append(_hash_rows(sorted(results.items()), images, i))
     row_id, part, phash, sha = (
         np.concatenate([h[k] for h in hashed]) if hashed else np.zeros(0, dtype)
         for k, dtype in enumerate((np.int64, np.int32, np.uint64, np.uint64))

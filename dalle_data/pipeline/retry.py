@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from dalle_data.atomic import atomic_path, write_json
 from dalle_data.pipeline.download import DownloadSettings, download_part
 from dalle_data.pipeline.download_plan import DownloadError
-from dalle_data.pipeline.download_results import RowResult, read_part_results
+from dalle_data.pipeline.download_results import PHASH_COLUMN, RowResult, read_part_results
 from dalle_data.pipeline.failures import RETRYABLE, retry_after
 
 ROUNDS = "rounds"
@@ -157,6 +157,16 @@ def read_results(out_dir: Path) -> dict[int, RowResult]:
     for _, round_results in _rounds(out_dir):
         results.update(round_results)
     return results
+
+
+def records_phash(out_dir: Path) -> bool:
+    """Whether img2dataset's results of every round of a part carry each image's perceptual
+    hash (those of a part downloaded before the download stage recorded it do not)."""
+    return all(
+        PHASH_COLUMN in pq.read_schema(path).names
+        for folder in _round_folders(out_dir)
+        for path in folder.glob("*.parquet")
+    )
 
 
 def _rounds(out_dir: Path) -> list[tuple[int, dict[int, RowResult]]]:
