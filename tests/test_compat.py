@@ -114,6 +114,43 @@ def test_img2dataset_mode_reaches_the_processes_it_spawns(tmp_path):
     assert torch_absent_in_child("plain") == "False"
 
 
+FORKSERVER_SCRIPT = """
+import importlib, sys
+import dalle_data.compat
+
+
+def worker_modules(_):
+    import albumentations
+
+    return sys.modules["torch"] is None, type(albumentations).__name__, "img2dataset" in sys.modules
+
+
+if __name__ == "__main__":
+    with dalle_data.compat.img2dataset_forkserver():
+        import img2dataset.distributor
+
+        print(type(sys.modules["albumentations"]).__name__)
+        print(importlib.import_module("img2dataset.main").LoggerProcess._start_method)
+        with img2dataset.distributor.get_context("spawn").Pool(2) as pool:
+            print(set(pool.map(worker_modules, range(4))))
+"""
+
+
+def test_img2dataset_workers_fork_from_a_server_that_imported_it(tmp_path):
+    """img2dataset's workers and logger start as forks of one server that imported img2dataset
+    and albumentations once; the runner itself never loads albumentations (it never resizes)."""
+    script = tmp_path / "forkserver.py"
+    script.write_text(FORKSERVER_SCRIPT)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "_DeferredModule",
+        "forkserver",
+        "{(True, 'module', True)}",
+    ]
+
+
 REDUCED_DECODE_SCRIPT = """
 import io, json
 import cv2, numpy as np

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from dalle_data.atomic import atomic_path, write_json
-from dalle_data.compat import for_img2dataset, img2dataset_fetch
+from dalle_data.compat import img2dataset_fetch, img2dataset_forkserver
 from dalle_data.pipeline.dedup import perceptual_hash
 from dalle_data.pipeline.download_plan import DownloadError
 from dalle_data.pipeline.download_results import PHASH_COLUMN
@@ -290,8 +290,11 @@ def _run_img2dataset(options: dict[str, Any], settings: DownloadSettings, fetch:
 
     Its own process, so the caller's process (a test, a notebook) keeps torch and wandb.
     """
-    for_img2dataset()
-    import img2dataset
+    with (
+        img2dataset_forkserver(),
+        spark_session(settings),
+        img2dataset_fetch(fetch, (PHASH_COLUMN, perceptual_hash)),
+    ):
+        import img2dataset
 
-    with spark_session(settings), img2dataset_fetch(fetch, (PHASH_COLUMN, perceptual_hash)):
         img2dataset.download(**options)
