@@ -18,6 +18,14 @@ include: "pipelines/shards.smk"
 include: "pipelines/train.smk"
 
 
+onsuccess:
+    end_snakemake_run()
+
+
+onerror:
+    end_snakemake_run()
+
+
 rule all:
     """The offline demo: sample shards -> small model -> extended checkpoint with its card."""
     input:

@@ -16,6 +16,10 @@
 - img2dataset's Resizer decodes every JPEG at full size and then shrinks it:
   :func:`for_img2dataset` lets it decode a large JPEG at 1/2, 1/4 or 1/8 of its size
   (libjpeg's DCT scaling), several times faster, when that still covers ``image_size``.
+- Snakemake 9's job rate limiter re-checks the queue with a non-daemon ``threading.Timer``
+  of its timespan (1 s) after every scheduling pass, so every run that ran a job waited up
+  to a second at exit: :func:`end_snakemake_run` (the Snakefile's onsuccess/onerror)
+  cancels it.
 - img2dataset fetches every URL with its module-level ``download_image``, which keeps
   neither the HTTP status nor ``Retry-After``: :func:`img2dataset_fetch` puts another
   fetch in its place in each worker process, and can add a column computed from each
@@ -361,3 +365,15 @@ def import_dalle_pytorch() -> ModuleType:
     import dalle_pytorch
 
     return dalle_pytorch
+
+
+def end_snakemake_run() -> None:
+    """Cancel the scheduler's pending re-check timer once the workflow is over (its only
+    action is to wake the scheduler, which has stopped): the interpreter joins non-daemon
+    threads at exit, so it would hold the finished run open for up to one timespan."""
+    for thread in threading.enumerate():
+        function = getattr(thread, "function", None)
+        if isinstance(thread, threading.Timer) and getattr(function, "__module__", "") == (
+            "snakemake.scheduling.job_scheduler"
+        ):
+            thread.cancel()

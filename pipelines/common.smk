@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dalle_data import config as ddconfig
 from dalle_data import locations
+from dalle_data.compat import end_snakemake_run
 from dalle_data.settings import resolve
 from dalle_data.model.output_name import planned_output
 
