@@ -209,3 +209,38 @@ def test_img2dataset_decodes_large_jpegs_at_a_reduced_scale_with_the_same_answer
     assert all(found["same"].values()), found["same"]  # sizes, original sizes, errors
     assert min(found["psnr"].values()) >= 38, found["psnr"]
     assert found["scales"] == [4, 2, 1]  # 129 / 2 rounds up to 65 > 64; 128 / 2 does not
+
+
+TIMER_SNAKEFILE = """
+import json, threading
+from dalle_data.compat import end_snakemake_run
+
+rule done:
+    output: "done.txt"
+    shell: "echo done > {output}"
+
+def pending():
+    return [t.function.__module__ for t in threading.enumerate()
+            if isinstance(t, threading.Timer) and not t.finished.is_set()]
+
+onsuccess:
+    before = pending()
+    end_snakemake_run()
+    with open("timers.json", "w") as out:
+        json.dump({"before": before, "after": pending()}, out)
+"""
+
+
+def test_a_finished_snakemake_run_leaves_no_timer_to_wait_for(tmp_path):
+    """Snakemake's rate limiter leaves a 1 s non-daemon timer after its last pass; the exit
+    would wait for it. If `before` comes back empty, Snakemake fixed it: drop the shim."""
+    (tmp_path / "Snakefile").write_text(TIMER_SNAKEFILE)
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", "done.txt"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    timers = json.loads((tmp_path / "timers.json").read_text())
+    assert timers == {"before": ["snakemake.scheduling.job_scheduler"], "after": []}
