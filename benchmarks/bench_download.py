@@ -322,13 +322,16 @@ def run_set(
         work = Path(tmp)
         warm = iter(range(10**6))
 
-        def warm_plain() -> None:
+        def warm_folder() -> Path:
             folder = work / f"warm{next(warm)}"
             folder.mkdir()
-            plain_img2dataset(urls[:WARM_URLS], folder)
+            return folder
+
+        def warm_plain() -> None:
+            plain_img2dataset(urls[:WARM_URLS], warm_folder())
 
         def warm_pipeline() -> None:
-            pipeline(f"{base}/warm.tsv", work / f"warm{next(warm)}")
+            pipeline(f"{base}/warm.tsv", warm_folder())
 
         for name in ("plain_before", "pipe_run", "plain_after", "pushed_run", "no_retry"):
             (work / name).mkdir()
@@ -485,20 +488,24 @@ dalle_data imports (config, model.output_name) take {snakefile_import:.2f} s, ti
 
 {sections[0]}
 {sections[1]}
-The download rule runs the same img2dataset call with four differences that make it
-faster than plain img2dataset (dalle_data/pipeline/download.py, dalle_data/compat.py): its
-Resizer decodes a JPEG at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling, OpenCV's
-reduced-read flags) when that still leaves the shorter side above 256 px and every filter
-gives the same answer, instead of decoding every pixel and throwing most away; its
-processes (runner, logger, workers) start without torch, which webdataset imports when it
-can, and without wandb, which img2dataset imports even with enable_wandb=False (about 3 s
-of start-up each, four processes on two cores); glibc's malloc keeps the decoded images'
-buffers in the heap instead of an mmap/munmap pair each (a third to a half of the
-system time); and albumentations does not look for updates online at import, which plain
-img2dataset does in each process. It also fetches each URL with its own function
-(dalle_data/pipeline/hosts.py: the same GET, over one kept-alive connection per host and
-download thread instead of urllib's connection per image, with the failure's reason and
-Retry-After kept).
+The download rule runs the same img2dataset call with these differences that make it
+faster than plain img2dataset (dalle_data/pipeline/download.py, dalle_data/compat.py):
+- its Resizer decodes a JPEG at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling,
+  OpenCV's reduced-read flags) when that still leaves the shorter side above 256 px and
+  every filter gives the same answer, instead of decoding every pixel and throwing most away;
+- its worker and logger processes fork from one forkserver that imported img2dataset and
+  albumentations once, where plain img2dataset spawns each as a new interpreter that imports
+  them again (about 2 s of CPU each on this machine); the runner defers albumentations,
+  which it never uses;
+- no process imports torch, which webdataset imports when it can, or wandb, which
+  img2dataset imports even with enable_wandb=False (about 3 s of start-up each);
+- glibc's malloc keeps the decoded images' buffers in the heap instead of an mmap/munmap
+  pair each (a third to a half of the system time);
+- albumentations does not look for updates online at import, which plain img2dataset does
+  in each process;
+- it fetches each URL with its own function (dalle_data/pipeline/hosts.py: the same GET,
+  over one kept-alive connection per host and download thread instead of urllib's
+  connection per image, with the failure's reason and Retry-After kept).
 """
     write_result("download", text)
 

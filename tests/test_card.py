@@ -10,10 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from dalle_data.formats.manifest import write_manifest
+from dalle_data.formats.manifest import BUILD_RECORD, INDEX, write_manifest
 from dalle_data.formats.webdataset import Sample, row_key, write_shards
 from dalle_data.pipeline.dataset_card import _histogram, write_card
-from dalle_data.pipeline.finalize import BUILD_RECORD, INDEX
 from tests.test_download import image_bytes
 
 TOKENIZER = {"kind": "simple", "vocab_size": 49408, "fingerprint": "a" * 64, "spec": "simple"}

@@ -26,6 +26,13 @@ VERIFY_RECORD = "verify.json"
 SAMPLE_FIELDS = ("jpg", "json", "tok.npy", "txt")
 TRAIN_SPLIT, EVAL_SPLIT = "train", "eval"
 SPLITS = (TRAIN_SPLIT, EVAL_SPLIT)
+# The folder of each split beside the dataset's other outputs, and what finalize writes in
+# it besides the shards (read by the dataset card, which must not import the stage).
+SPLIT_DIRS = {TRAIN_SPLIT: "shards", EVAL_SPLIT: "eval"}
+FAILURES = "failures.parquet"
+INDEX = "index.parquet"
+EXAMPLES = "duplicate_examples.parquet"
+BUILD_RECORD = "build.json"
 
 
 class ManifestError(DalleDataError):

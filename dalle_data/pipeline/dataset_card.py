@@ -22,10 +22,16 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dalle_data.atomic import atomic_open, atomic_path
-from dalle_data.formats.manifest import read_manifest
+from dalle_data.formats.manifest import (
+    BUILD_RECORD,
+    EXAMPLES,
+    FAILURES,
+    INDEX,
+    SPLIT_DIRS,
+    read_manifest,
+)
 from dalle_data.formats.webdataset import read_shard
 from dalle_data.pipeline.failures import RETRYABLE, meaning
-from dalle_data.pipeline.finalize import BUILD_RECORD, EXAMPLES, FAILURES, INDEX, SPLIT_DIRS
 
 CARD = "README.md"
 CONTACT_SHEET = "contact_sheet.png"

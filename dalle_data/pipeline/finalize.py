@@ -30,9 +30,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dalle_data.atomic import atomic_path, write_json
+from dalle_data.formats.manifest import (
+    BUILD_RECORD,
+    EXAMPLES,
+    FAILURES,
+    INDEX,
+    SPLIT_DIRS,
+    write_manifest,
+)
 from dalle_data.formats.manifest import EVAL_SPLIT as EVAL
 from dalle_data.formats.manifest import TRAIN_SPLIT as TRAIN
-from dalle_data.formats.manifest import write_manifest
 from dalle_data.formats.webdataset import (
     Sample,
     ShardError,
@@ -46,11 +53,6 @@ from dalle_data.pipeline import dedup
 from dalle_data.pipeline.filters import url_hashes
 from dalle_data.pipeline.holdout import Holdout, eval_mask
 
-FAILURES = "failures.parquet"
-INDEX = "index.parquet"
-EXAMPLES = "duplicate_examples.parquet"
-BUILD_RECORD = "build.json"
-SPLIT_DIRS = {TRAIN: "shards", EVAL: "eval"}
 TOKENIZE_BATCH = 1024
 # Duplicate pairs per reason kept with both images for the dataset card (near ones first).
 EXAMPLES_PER_REASON = 3
