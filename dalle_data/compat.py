@@ -311,13 +311,24 @@ def img2dataset_forkserver() -> Iterator[None]:
     ``download`` forks the worker and logger processes from one forkserver that imported
     img2dataset once, instead of spawning interpreters that each import it (~2 s of CPU
     each, four processes on two cores). The server starts first, so its imports run beside
-    this process's own."""
+    this process's own. Where no forkserver can start (its unix socket lives under TMPDIR,
+    and a path over ~107 bytes is refused), img2dataset spawns its processes as it would."""
     import multiprocessing.forkserver
 
     os.environ[_FOR_IMG2DATASET] = "1"
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_FORKSERVER_PRELOAD)
-    multiprocessing.forkserver.ensure_running()
+    try:
+        multiprocessing.forkserver.ensure_running()
+    except OSError as err:
+        warnings.warn(
+            f"img2dataset's processes are spawned, each importing img2dataset (slower start): "
+            f"no forkserver could start ({err}); a shorter TMPDIR lets it",
+            stacklevel=3,
+        )
+        for_img2dataset()
+        yield
+        return
     for_img2dataset()
     import img2dataset.distributor
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -122,7 +123,10 @@ import dalle_data.compat
 def worker_modules(_):
     import albumentations
 
-    return sys.modules["torch"] is None, type(albumentations).__name__, "img2dataset" in sys.modules
+    at_start = type(sys.modules["albumentations"]).__name__
+    albumentations.SmallestMaxSize  # what img2dataset's resizer uses
+    loaded = type(sys.modules["albumentations"]).__name__
+    return sys.modules["torch"] is None, at_start, loaded, "img2dataset" in sys.modules
 
 
 if __name__ == "__main__":
@@ -147,8 +151,25 @@ def test_img2dataset_workers_fork_from_a_server_that_imported_it(tmp_path):
     assert result.stdout.splitlines() == [
         "_DeferredModule",
         "forkserver",
-        "{(True, 'module', True)}",
+        "{(True, 'module', 'module', True)}",
     ]
+    # A TMPDIR too long for the server's unix socket: img2dataset spawns its processes, as
+    # plain img2dataset does, and says why.
+    long_tmp = tmp_path / ("x" * 60) / ("y" * 60)
+    long_tmp.mkdir(parents=True)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env={**env, "TMPDIR": str(long_tmp)},
+    )
+    assert result.returncode == 0, result.stderr
+    runner, logger, workers = result.stdout.splitlines()
+    assert (runner, logger) == ("_DeferredModule", "spawn")
+    # Each spawned worker loads albumentations itself, when it first resizes.
+    assert {(True, "_DeferredModule", "module", True)} <= ast.literal_eval(workers)
+    assert {loaded for _, _, loaded, _ in ast.literal_eval(workers)} == {"module"}
+    assert "a shorter TMPDIR lets it" in result.stderr
 
 
 REDUCED_DECODE_SCRIPT = """
