@@ -33,8 +33,6 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import multiprocessing
-import multiprocessing.context
 import os
 import sys
 import threading
@@ -232,6 +230,8 @@ def _forkserver_logger() -> None:
     """Define ``ForkServerLoggerProcess``: img2dataset's LoggerProcess (a SpawnProcess),
     started from the forkserver. Defined here, in every img2dataset process, so the
     forkserver's child finds the class when it unpickles the process object."""
+    import multiprocessing.context
+
     from img2dataset.logger import LoggerProcess
 
     globals()["ForkServerLoggerProcess"] = type(
