@@ -18,12 +18,16 @@ include: "pipelines/shards.smk"
 include: "pipelines/train.smk"
 
 
+onstart:
+    start_stages()
+
+
 onsuccess:
-    end_snakemake_run()
+    end_run()
 
 
 onerror:
-    end_snakemake_run()
+    end_run()
 
 
 rule all:

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from dalle_data import config as ddconfig
-from dalle_data import locations
+from dalle_data import locations, stage_server
 from dalle_data.compat import end_snakemake_run
 from dalle_data.settings import resolve
 from dalle_data.model.output_name import planned_output
@@ -39,6 +39,19 @@ if config["storage_options"]:
 
 wildcard_constraints:
     dataset="[a-z0-9]+",
+
+
+def start_stages():
+    """This run's stage server (dalle_data/stage_server.py): the shard stages fork from one
+    process that imported their libraries, unless the config's stage_server is false."""
+    if config["stage_server"]:
+        stage_server.start()
+
+
+def end_run():
+    """The run is over: the stage server stops, and so does Snakemake's exit timer."""
+    stage_server.stop()
+    end_snakemake_run()
 
 
 def ds_dir(dataset):

@@ -21,6 +21,9 @@ ALLOWED = {
     "demo": {"formats", "pipeline", "model"},
 }
 UTILITIES = {"errors", "atomic", "hashing", "compat", "config", "settings", "locations"}
+# The `dalle-data` entry points (the typer app and the stage server that forks it) may use
+# anything.
+ENTRY_POINTS = {"cli", "stage_server"}
 
 
 def _module_name(path: Path) -> str:
@@ -101,7 +104,7 @@ def test_layers_import_only_downward() -> None:
     wrong = []
     for module, targets in _imports().items():
         layer = _layer(module)
-        if layer in ("cli", "__main__") or layer not in ALLOWED and layer not in UTILITIES:
+        if layer in ENTRY_POINTS or layer not in ALLOWED and layer not in UTILITIES:
             continue
         allowed = {layer} | (ALLOWED.get(layer, set()))
         for target in targets:
@@ -122,4 +125,4 @@ def test_layers_import_only_downward() -> None:
 def test_every_module_sits_in_a_known_place() -> None:
     """New modules go into a layer (or are a shared utility), so the map stays true."""
     layers = {_layer(m) for m in _imports()}
-    assert layers <= set(ALLOWED) | UTILITIES | {"", "cli"}
+    assert layers <= set(ALLOWED) | UTILITIES | ENTRY_POINTS | {""}

@@ -1,6 +1,7 @@
 """Any dataset end to end: `snakemake <name>_shards` on a LAION-style parquet, a headerless
 csv, a jsonl with broken lines and a folder of photos, each with exact counts per reason,
-built twice into byte-identical shards. One Snakemake run builds all four datasets.
+built twice into byte-identical shards: once with the stage server, once with every stage
+in a process of its own. One Snakemake run builds all four datasets.
 """
 
 from __future__ import annotations
@@ -130,10 +131,10 @@ def photo_folder(root: Path) -> dict[str, Any]:
     }
 
 
-def build(workdir: Path, out: Path, *, targets: list[str]) -> None:
+def build(workdir: Path, out: Path, *, targets: list[str], config: tuple[str, ...] = ()) -> None:
     proc = subprocess.run(
         [str(BIN / "snakemake"), *targets, "--cores", "2"]
-        + ["--configfile", str(workdir / "own.yaml"), "--config", f"output_dir={out}"],
+        + ["--configfile", str(workdir / "own.yaml"), "--config", f"output_dir={out}", *config],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -193,9 +194,10 @@ def test_own_datasets_build_with_exact_counts_and_identical_bytes(tmp_path: Path
 """
         )
         build(tmp_path, tmp_path / "one", targets=[f"{d}_shards" for d in DATASETS])
-        # The second build stops at the shards (the card and verify only read them).
+        # The second build stops at the shards (the card and verify only read them), and
+        # runs each stage in a process of its own instead of a fork of the stage server.
         two = [str(tmp_path / "two" / d / "shards" / "manifest.json") for d in DATASETS]
-        build(tmp_path, tmp_path / "two", targets=two)
+        build(tmp_path, tmp_path / "two", targets=two, config=("stage_server=false",))
 
     from dalle_data.formats.manifest import read_manifest
 
