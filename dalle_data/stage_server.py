@@ -79,6 +79,8 @@ _MAX_SOCKET_PATH = 100
 # The longest a stage waits for the server to take it (the server imports one module at a
 # time between requests, so this only passes when the server is stuck): then it runs alone.
 _ACCEPT_TIMEOUT_S = 120.0
+# A client of another dalle_data install (another venv on PATH) runs its stage itself.
+_PACKAGE = os.path.dirname(os.path.realpath(__file__))
 
 
 def main() -> None:
@@ -119,7 +121,13 @@ def _run_served(path: str, argv: list[str]) -> int | None:
         umask = os.umask(0)
         os.umask(umask)
         request = json.dumps(
-            {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask}
+            {
+                "argv": argv,
+                "cwd": os.getcwd(),
+                "env": dict(os.environ),
+                "umask": umask,
+                "package": _PACKAGE,
+            }
         ).encode()
         data = _HEADER.pack(len(request)) + request
         sent = socket.send_fds(conn, [data], fds)
@@ -193,8 +201,11 @@ def start() -> str | None:
         _server = subprocess.Popen(
             [sys.executable, "-P", "-m", "dalle_data.stage_server", path, str(fd)]
             + [str(os.getpid())],
+            # Not Snakemake's streams: whoever reads those until they close (a pipe) would wait
+            # for the server too. Its stages write to their clients' streams.
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             pass_fds=[fd],
             # Its own session: a Ctrl-C reaches the stages through their clients, once.
             start_new_session=True,
@@ -281,6 +292,12 @@ class _Server:
         self.stages: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, conn)
         self.closing = self.stop_requested = False
         self.env_at_start = _initial_environ()
+        # A signal also wakes the selector, so a stop takes effect at once.
+        self.wake_read, wake_write = socket.socketpair()
+        self.wake_write = wake_write
+        wake_write.setblocking(False)
+        signal.set_wakeup_fd(wake_write.fileno())
+        self.selector.register(self.wake_read, selectors.EVENT_READ, "wake")
         signal.signal(signal.SIGTERM, self._request_stop)
 
     def _request_stop(self, _signum: int, _frame: Any) -> None:
@@ -307,7 +324,9 @@ class _Server:
                 with contextlib.suppress(Exception):  # the stage then imports it itself
                     __import__(pending.pop(0))
             for key, _mask in events:
-                if key.data == "accept":
+                if key.data == "wake":
+                    self.wake_read.recv(64)
+                elif key.data == "accept":
                     stage = self._accept()
                     if stage is not None:
                         return stage
@@ -333,6 +352,8 @@ class _Server:
                     raise OSError("client left")
                 body += chunk
             request = json.loads(body)
+            if request.get("package") != _PACKAGE:
+                raise ValueError("a client of another dalle_data install")
         except (OSError, ValueError):
             conn.close()
             for fd in fds:
@@ -344,8 +365,11 @@ class _Server:
         gc.freeze()
         pid = os.fork()
         if pid == 0:
+            signal.set_wakeup_fd(-1)
             self.selector.close()
             self.listener.close()
+            self.wake_read.close()
+            self.wake_write.close()
             conn.close()
             for _pid, other in self.stages.values():
                 other.close()

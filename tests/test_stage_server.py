@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -108,6 +109,24 @@ def test_dalle_data_goes_through_the_server_and_without_one_runs_alone(
         )
     assert [r.returncode for r in results] == [1, 1]
     assert results[0].stderr == results[1].stderr != ""
+
+
+def test_the_server_holds_none_of_snakemakes_streams_nor_serves_another_install(
+    server: str,
+) -> None:
+    """Whoever reads Snakemake's output until it closes must not wait for the server; a
+    `dalle-data` of another install on PATH must not run this install's code."""
+    pid = stage_server._server.pid  # type: ignore[union-attr]
+    assert {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (0, 1, 2)} == {os.devnull}
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(server)
+    request = json.dumps(
+        {"argv": ["dalle-data", "--help"], "cwd": "/", "env": {}, "umask": 0o22}
+        | {"package": "/elsewhere/dalle_data"}
+    ).encode()
+    socket.send_fds(conn, [stage_server._HEADER.pack(len(request)) + request], [0, 1, 2])
+    assert conn.recv(1) == b""  # closed without taking it: the client runs it itself
+    conn.close()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
