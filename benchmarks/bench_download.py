@@ -311,9 +311,15 @@ def busy_seconds(stages: dict[str, tuple[float, float, float]]) -> float:
 
 
 def run_set(
-    title: str, distinct: list[bytes], n: int, what: str, goal: float, retry_after: int | None
+    title: str,
+    distinct: list[bytes],
+    n: int,
+    what: str,
+    goal: float,
+    retry_after: int | None,
+    repeats: int,
 ) -> str:
-    """Plain img2dataset, the pipeline, plain again, the floor and PSNR on one image set; with
+    """Plain img2dataset and the pipeline in turn, the floor and PSNR on one image set; with
     ``retry_after``, also the pipeline with 10% of the URLs on a host answering 429."""
     bodies = {f"/img/{i}.jpg": distinct[i % len(distinct)] for i in range(n)}
     server = serve(bodies)
@@ -344,42 +350,60 @@ def run_set(
         def warm_pipeline() -> None:
             pipeline(f"{base}/warm.tsv", warm_folder())
 
-        for name in ("plain_before", "pipe_run", "plain_after", "pushed_run", "no_retry"):
-            (work / name).mkdir()
-        (work / "own_processes").mkdir()
-        warm_plain()
-        before_s, plain_n, before_host = plain_img2dataset(urls, work / "plain_before")
-        warm_pipeline()
-        pipe_s, pipe_n, stages, pipe_host = pipeline(f"{base}/cc12m.tsv", work / "pipe_run")
+        folders = iter(range(10**6))
+
+        def folder(kind: str) -> Path:
+            path = work / f"{kind}{next(folders)}"
+            path.mkdir()
+            return path
+
+        def plain_run() -> None:
+            warm_plain()
+            plain_dirs.append(folder("plain"))
+            plain_runs.append(plain_img2dataset(urls, plain_dirs[-1]))
+
+        def pipe_run(source: str = "cc12m.tsv", **options: Any) -> tuple[Any, Path]:
+            warm_pipeline()
+            path = folder("pipeline")
+            return pipeline(f"{base}/{source}", path, **options), path
+
+        # Plain, then (pipeline, plain) `repeats` times: each pipeline run between two plain
+        # ones, so the machine's drift weighs on both sides alike.
+        plain_runs: list[tuple[float, int, float]] = []
+        plain_dirs: list[Path] = []
+        pipe_runs = []
+        plain_run()
+        for _ in range(repeats):
+            pipe_runs.append(pipe_run())
+            plain_run()
         # The same build with every stage in a process of its own (no stage server): its
         # benchmark files also give each stage's own CPU time.
-        warm_pipeline()
-        alone_s, alone_n, alone_stages, _ = pipeline(
-            f"{base}/cc12m.tsv", work / "own_processes", stage_server=False
-        )
+        (alone_s, alone_n, alone_stages, _), _ = pipe_run(stage_server=False)
         if retry_after is not None:  # the same build without the retry machinery
-            warm_pipeline()
-            no_retry = pipeline(f"{base}/cc12m.tsv", work / "no_retry", retry_rounds=0)
-        warm_plain()
-        after_s, after_n, after_host = plain_img2dataset(urls, work / "plain_after")
+            no_retry, _ = pipe_run(retry_rounds=0)
         floor_s, floor_n = floor_rate(distinct, n)
-        shards = sorted((work / "pipe_run" / "data" / "cc12m" / "shards").glob("*.tar"))
+        (pipe_s, pipe_n, stages, pipe_host), first = pipe_runs[0]
+        shards = sorted((first / "data" / "cc12m" / "shards").glob("*.tar"))
         pipe_psnr = psnr_of_tars(shards, bodies, base)
-        plain_psnr = psnr_of_tars(
-            sorted((work / "plain_after" / "plain").glob("*.tar")), bodies, base
-        )
+        plain_psnr = psnr_of_tars(sorted((plain_dirs[-1] / "plain").glob("*.tar")), bodies, base)
         if retry_after is not None:
-            warm_pipeline()
-            pushed = pipeline(f"{base}/pushed.tsv", work / "pushed_run")
-            build = json.loads((work / "pushed_run" / "data/cc12m/shards/build.json").read_text())
+            pushed, pushed_dir = pipe_run("pushed.tsv")
+            build = json.loads((pushed_dir / "data/cc12m/shards/build.json").read_text())
     server.shutdown()
     busy.shutdown()
     loads.append(os.getloadavg()[0])
     same = sum(plain_psnr[2].get(url) == jpg for url, jpg in pipe_psnr[2].items())
-    plain_s = (before_s + after_s) / 2
-    plain_rate, pipe_rate = (plain_n / before_s + after_n / after_s) / 2, pipe_n / pipe_s
+    plain_s = sum(r[0] for r in plain_runs) / len(plain_runs)
+    plain_rates = [count / wall for wall, count, _ in plain_runs]
+    pipe_rates = [run[1] / run[0] for run, _ in pipe_runs]
+    plain_rate = sum(plain_rates) / len(plain_rates)
+    pipe_rate = sum(pipe_rates) / len(pipe_rates)
     floor = floor_n / floor_s
     ratio = pipe_rate / plain_rate
+    # Each pipeline run against the mean of the plain runs just before and after it.
+    run_ratios = [
+        rate / ((plain_rates[k] + plain_rates[k + 1]) / 2) for k, rate in enumerate(pipe_rates)
+    ]
     rules = busy_seconds(stages)
     not_download = pipe_s - sum(
         w for name, (w, _, _) in stages.items() if name.startswith("download/")
@@ -405,7 +429,7 @@ def run_set(
         "\n".join(
             f"| {label} | {seconds:.2f} | {alone:.2f} | |" for label, seconds, alone in summary
         )
-        + f"\n| for comparison: plain img2dataset, mean of both runs | {plain_s:.2f} | | |"
+        + f"\n| for comparison: plain img2dataset, mean of its runs | {plain_s:.2f} | | |"
     )
     runs = [
         (
@@ -413,11 +437,15 @@ def run_set(
             floor_n,
             floor_s,
         ),
-        ("plain img2dataset (2 x 32, 256 px, wds), before", plain_n, before_s),
-        ("plain img2dataset, after", after_n, after_s),
-        ("`snakemake --cores 2 cc12m_shards` (all stages)", pipe_n, pipe_s),
-        ("same, `stage_server: false` (each stage a process of its own)", alone_n, alone_s),
     ]
+    for k, (wall, count, _) in enumerate(plain_runs):
+        runs.append((f"plain img2dataset (2 x 32, 256 px, wds), run {k + 1}", count, wall))
+        if k < len(pipe_runs):
+            (wall, count, _, _), _ = pipe_runs[k]
+            runs.append(
+                (f"`snakemake --cores 2 cc12m_shards` (all stages), run {k + 1}", count, wall)
+            )
+    runs.append(("same, `stage_server: false` (each stage a process of its own)", alone_n, alone_s))
     if retry_after is not None:
         runs.append(("same, `retry_rounds: 0` (no retry machinery)", no_retry[1], no_retry[0]))
     run_rows = "\n".join(
@@ -452,13 +480,17 @@ rows it fetches); its download rule {pushed_download:.1f} s.
 | run | images written | wall s | images/s | fraction of the floor |
 |---|---:|---:|---:|---:|
 {run_rows}
-| **ratio** to the mean plain rate (goal >= {goal:.1f}) | | | **{ratio:.2f}** | |
+| **ratio**, mean pipeline rate to mean plain rate (goal >= {goal:.1f}) | | | **{ratio:.2f}** | |
+| mean pipeline rate as a fraction of the floor | | | | **{pipe_rate / floor:.2f}** |
 | goal for the pipeline's fraction of the floor | | | | >= 0.6 |
+
+Each pipeline run against the mean of the plain runs before and after it:
+{", ".join(f"{r:.2f}" for r in run_ratios)}.
 
 The floor loop reads its images from memory; the pipeline and plain img2dataset fetch them
 from an HTTP server in the benchmark's own process, on the same {os.cpu_count()} cores. That
-server used {pipe_host:.1f} s of CPU during the pipeline's run, {pipe_host / pipe_s:.2f} of one
-core (plain img2dataset's runs: {before_host:.1f} s and {after_host:.1f} s).
+server used {pipe_host:.1f} s of CPU during the first pipeline run, {pipe_host / pipe_s:.2f} of one
+core (plain img2dataset's runs: {", ".join(f"{r[2]:.1f}" for r in plain_runs)} s).
 
 Quality, PSNR of each stored image against a full decode + area resize of its source
 (min / mean over {pipe_n} images): pipeline {pipe_psnr[0]:.1f} / {pipe_psnr[1]:.1f} dB
@@ -467,7 +499,8 @@ encode alone). {same} of the pipeline's {pipe_n} images are byte for byte plain 
 (those too small for a DCT-scaled decode: a shorter side under 2 x 256 + 1 px).
 {retry_text}
 
-Where the pipeline's time goes (each rule's command, from Snakemake's `benchmark:` files).
+Where the first pipeline run's time goes (each rule's command, from Snakemake's `benchmark:`
+files).
 With the stage server a stage is a fork of a process that already imported its libraries;
 Snakemake's benchmark then measures only the job's client process in CPU, so CPU time is
 given from the run where each stage is a process of its own:
@@ -484,6 +517,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=6000, help="URLs of the 640x480 set")
     parser.add_argument("--photos", type=int, default=2000, help="URLs of the large-photo set")
     parser.add_argument("--retry-after", type=int, default=20, help="the 429 host's refusal, s")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="pipeline runs per set, each between plain runs"
+    )
     args = parser.parse_args()
     sections = [
         run_set(
@@ -493,6 +529,7 @@ def main() -> None:
             f"640x480 JPEGs ({DISTINCT} distinct bodies)",
             1.0,
             args.retry_after,
+            args.repeats,
         ),
         run_set(
             "Large photos",
@@ -502,6 +539,7 @@ def main() -> None:
             "(128 distinct bodies)",
             2.0,
             None,
+            args.repeats,
         ),
     ]
     # What the Snakefile imports of dalle_data at every start (config and the train rule's
@@ -509,12 +547,14 @@ def main() -> None:
     snakefile_import = import_seconds("dalle_data.config, dalle_data.model.output_name")
     command = (
         f".venv/bin/python benchmarks/bench_download.py --images {args.images} "
-        f"--photos {args.photos} --retry-after {args.retry_after}"
+        f"--photos {args.photos} --retry-after {args.retry_after} --repeats {args.repeats}"
     )
     text = f"""### Download: `snakemake cc12m_shards` vs plain img2dataset, and the floor
 
-Command: `{command}`. Each set in one run: plain img2dataset before and after the pipeline,
-its rate the mean of the two; then the floor loop on the same bodies. The pipeline time
+Command: `{command}`. Each set in one run: plain img2dataset and the pipeline in turn,
+plain first and last ({args.repeats} pipeline runs, each between two plain runs: this
+machine's speed drifts by a fifth within minutes), the ratio that of their mean rates; then
+the floor loop on the same bodies. The pipeline time
 covers every stage (fetch, normalize, filter, plan, download, finalize with tokenization,
 shards, manifest and card, verify with re-tokenization); finalize copies img2dataset's JPEG
 bytes, the download workers having recorded each image's perceptual hash as they wrote it
