@@ -100,7 +100,8 @@ def main() -> None:
 def _exit_like(code: int) -> None:
     """Exit as the stage did: with its status, or killed by its signal."""
     if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL's handler cannot be set
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     sys.exit(code if code >= 0 else 128 - code)
 
@@ -133,6 +134,7 @@ def _run_served(path: str, argv: list[str]) -> int | None:
         sent = socket.send_fds(conn, [data], fds)
         conn.sendall(data[sent:])
         if _recv_exact(conn, 1) != _STARTED:
+            conn.close()
             return None
     except OSError:
         conn.close()
@@ -354,6 +356,8 @@ class _Server:
             request = json.loads(body)
             if request.get("package") != _PACKAGE:
                 raise ValueError("a client of another dalle_data install")
+            if _closed(conn):  # it gave up waiting and runs the stage itself: not twice
+                raise OSError("client left")
         except (OSError, ValueError):
             conn.close()
             for fd in fds:
@@ -411,6 +415,17 @@ class _Server:
                 os.killpg(pid, signum)
         if not data:
             self.selector.unregister(conn)
+
+
+def _closed(conn: socket.socket) -> bool:
+    """Whether the peer has closed its end (nothing left to read but the end)."""
+    conn.setblocking(False)
+    try:
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    finally:
+        conn.setblocking(True)
 
 
 def _initial_environ() -> dict[str, str]:

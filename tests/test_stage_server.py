@@ -167,6 +167,23 @@ def test_a_signal_to_the_client_ends_the_stage(server: str, tmp_path: Path, sign
         assert out.splitlines() == ["served -15"]
 
 
+def test_a_stage_killed_by_a_signal_kills_its_client_with_it(server: str, tmp_path: Path) -> None:
+    """The OOM killer's SIGKILL to the stage: the job's process dies of it too."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    os.mkfifo(shards / "manifest.json")
+    server_pid = stage_server._server.pid  # type: ignore[union-attr]
+    client = subprocess.Popen(
+        [str(BIN / "dalle-data"), "verify", str(shards)],
+        env={**os.environ, stage_server.ENV: server},
+        stderr=subprocess.PIPE,
+    )
+    wait_for(lambda: len(stage_processes(server_pid)) == 1, "the stage never started")
+    stage_processes(server_pid)[0].kill()
+    _, err = client.communicate(timeout=30)
+    assert client.returncode == -signal.SIGKILL, err
+
+
 def test_the_stage_gets_the_clients_environment_umask_and_streams(tmp_path: Path) -> None:
     """`_Stage.become` in a fork of this process, as the server does it."""
     read_out, write_out = os.pipe()
