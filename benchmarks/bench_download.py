@@ -337,19 +337,6 @@ def run_set(
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        warm = iter(range(10**6))
-
-        def warm_folder() -> Path:
-            folder = work / f"warm{next(warm)}"
-            folder.mkdir()
-            return folder
-
-        def warm_plain() -> None:
-            plain_img2dataset(urls[:WARM_URLS], warm_folder())
-
-        def warm_pipeline() -> None:
-            pipeline(f"{base}/warm.tsv", warm_folder())
-
         folders = iter(range(10**6))
 
         def folder(kind: str) -> Path:
@@ -357,13 +344,14 @@ def run_set(
             path.mkdir()
             return path
 
+        # Each timed run follows the same command on WARM_URLS of the URLs, untimed.
         def plain_run() -> None:
-            warm_plain()
+            plain_img2dataset(urls[:WARM_URLS], folder("warm"))
             plain_dirs.append(folder("plain"))
             plain_runs.append(plain_img2dataset(urls, plain_dirs[-1]))
 
         def pipe_run(source: str = "cc12m.tsv", **options: Any) -> tuple[Any, Path]:
-            warm_pipeline()
+            pipeline(f"{base}/warm.tsv", folder("warm"))
             path = folder("pipeline")
             return pipeline(f"{base}/{source}", path, **options), path
 

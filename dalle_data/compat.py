@@ -326,10 +326,13 @@ def img2dataset_forkserver() -> Iterator[None]:
             f"no forkserver could start ({err}); a shorter TMPDIR lets it",
             stacklevel=3,
         )
-        for_img2dataset()
+        started = False
+    else:
+        started = True
+    for_img2dataset()
+    if not started:
         yield
         return
-    for_img2dataset()
     import img2dataset.distributor
 
     main: Any = importlib.import_module("img2dataset.main")

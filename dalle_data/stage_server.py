@@ -29,10 +29,14 @@ import selectors
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+# Only the Snakefile's side starts processes: every `dalle-data` (a served stage's client
+# included) imports this module first, and subprocess costs it about 4 ms.
+if TYPE_CHECKING:
+    import subprocess
 
 ENV = "DALLE_DATA_STAGE_SERVER"
 SERVED = frozenset(
@@ -191,6 +195,8 @@ def start() -> str | None:
     """Start this run's stage server (the Snakefile's ``onstart``) and point the jobs at it
     through :data:`ENV`; the socket path, or None where none can run (stages then start as
     their own processes)."""
+    import subprocess
+
     global _server
     path = socket_path() if supported() else None
     if path is None:
