@@ -90,8 +90,9 @@ def _placeholder_wandb() -> ModuleType:
     return module
 
 
-def for_img2dataset() -> None:
-    """Set up this process, and the processes it starts that import dalle_data, for img2dataset.
+def for_img2dataset(*, inherited: bool = True) -> None:
+    """Set up this process, and (``inherited``) the processes it starts that import
+    dalle_data, for img2dataset.
 
     img2dataset's processes (runner, logger, workers) import torch (through webdataset, which
     works without it) and wandb (used only with enable_wandb, never set here): ~3 s of
@@ -101,7 +102,8 @@ def for_img2dataset() -> None:
     inherit the environment variable and import dalle_data first (their main module is the
     ``dalle-data`` script).
     """
-    os.environ[_FOR_IMG2DATASET] = "1"
+    if inherited:
+        os.environ[_FOR_IMG2DATASET] = "1"
     sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
     sys.modules.setdefault("wandb", _placeholder_wandb())
     # img2dataset's resizer needs four of albumentations' transforms, whose package imports
@@ -305,21 +307,43 @@ class _ColumnWriter:
 _FORKSERVER_PRELOAD = ["__main__", "dalle_data.compat", "img2dataset", "albumentations.core"]
 
 
+def may_fork() -> bool:
+    """Whether a fork of this process is as sound as a fresh interpreter: no Python thread
+    but this one (a lock another holds would stay held in the child) and no torch (its
+    thread pools and CUDA state do not survive a fork). Native pools of the libraries the
+    pipeline loads (OpenBLAS, jemalloc, Arrow's) re-create themselves in a forked child."""
+    return hasattr(os, "fork") and threading.active_count() == 1 and not sys.modules.get("torch")
+
+
+def _imported(name: str) -> bool:
+    return isinstance(sys.modules.get(name), ModuleType) and not isinstance(
+        sys.modules[name], _DeferredModule
+    )
+
+
 @contextlib.contextmanager
 def img2dataset_forkserver() -> Iterator[None]:
     """Set up this process for img2dataset (:func:`for_img2dataset`); inside, its
     ``download`` forks the worker and logger processes from one forkserver that imported
     img2dataset once, instead of spawning interpreters that each import it (~2 s of CPU
-    each, four processes on two cores). The server starts first, so its imports run beside
-    this process's own. Where no forkserver can start (its unix socket lives under TMPDIR,
-    and a path over ~107 bytes is refused), img2dataset spawns its processes as it would."""
+    each, four processes on two cores). Where this process imported all of it already (a
+    stage forked from the stage server), the forkserver is a fork of this process, ready at
+    once; otherwise it is a new interpreter, started first so its imports run beside this
+    process's own. Where no forkserver can start (its unix socket lives under TMPDIR, and a
+    path over ~107 bytes is refused), img2dataset spawns its processes as it would."""
     import multiprocessing.forkserver
 
     os.environ[_FOR_IMG2DATASET] = "1"
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(_FORKSERVER_PRELOAD)
+    forked = may_fork() and all(map(_imported, _FORKSERVER_PRELOAD[2:]))
+    if forked:
+        for_img2dataset()  # before the fork: the workers need its patches
+    context.set_forkserver_preload([] if forked else _FORKSERVER_PRELOAD)
     try:
-        multiprocessing.forkserver.ensure_running()
+        if forked:
+            _fork_forkserver()
+        else:
+            multiprocessing.forkserver.ensure_running()
     except OSError as err:
         warnings.warn(
             f"img2dataset's processes are spawned, each importing img2dataset (slower start): "
@@ -329,7 +353,8 @@ def img2dataset_forkserver() -> Iterator[None]:
         started = False
     else:
         started = True
-    for_img2dataset()
+    if not forked:
+        for_img2dataset()
     if not started:
         yield
         return
@@ -343,6 +368,42 @@ def img2dataset_forkserver() -> Iterator[None]:
         yield
     finally:
         img2dataset.distributor.get_context, main.LoggerProcess = saved
+
+
+def _fork_forkserver() -> None:
+    """Start multiprocessing's forkserver as a fork of this process instead of a new
+    interpreter: ``ensure_running`` sets it up as always (socket, alive pipe, resource
+    tracker) and hands its command line to ``spawnv_passfds``; the fork runs that command
+    itself, with the descriptors a spawned server would have had."""
+    from multiprocessing import forkserver, util
+
+    spawnv_passfds = util.spawnv_passfds
+
+    def fork_passfds(_path: Any, args: Any, passfds: Any) -> int:
+        pid = os.fork()
+        if pid:
+            return pid
+        code = 1
+        try:
+            low = 3
+            for fd in sorted(set(passfds)):
+                os.closerange(low, fd)
+                low = fd + 1
+            os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+            # ensure_running's lock, held across this fork, is the parent's business.
+            forkserver._forkserver._lock = threading.Lock()  # type: ignore[attr-defined]
+            exec(args[-1], {"__name__": "__forkserver__"})  # its main(...) call
+            code = 0
+        except SystemExit:  # how main ends: its last client has gone
+            code = 0
+        finally:
+            os._exit(code)
+
+    util.spawnv_passfds = fork_passfds  # type: ignore[assignment]
+    try:
+        forkserver.ensure_running()
+    finally:
+        util.spawnv_passfds = spawnv_passfds
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import io
 import json
 import os
@@ -32,6 +33,8 @@ import struct
 import sys
 import tempfile
 from typing import TYPE_CHECKING, Any
+
+from dalle_data import compat
 
 # Only the Snakefile's side starts processes: every `dalle-data` (a served stage's client
 # included) imports this module first, and subprocess costs it about 4 ms.
@@ -73,7 +76,16 @@ PRELOAD = (
     "dalle_data.formats.manifest",
     "dalle_data.formats.tokenizers",
     "tokenizers",
+    # After dalle_data.pipeline.download, which sets OpenCV's pixel limit before cv2 loads:
+    # what img2dataset's processes import, so the download stage forks them ready.
+    # albumentations (0.5 s) in steps: its package imports scipy and huggingface_hub.
+    "img2dataset",
+    "scipy.special",
+    "scipy.ndimage",
+    "huggingface_hub.hf_api",
+    "albumentations.core",
 )
+_IMG2DATASET_PACKAGES = frozenset({"img2dataset", "albumentations"})
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _STARTED, _EXITED = b"A", b"X"
 _HEADER = struct.Struct("!I")
@@ -330,7 +342,7 @@ class _Server:
             events = self.selector.select(timeout=0 if pending and not self.closing else 1.0)
             if not events and pending:
                 with contextlib.suppress(Exception):  # the stage then imports it itself
-                    __import__(pending.pop(0))
+                    _preload(pending.pop(0))
             for key, _mask in events:
                 if key.data == "wake":
                     self.wake_read.recv(64)
@@ -421,6 +433,15 @@ class _Server:
                 os.killpg(pid, signum)
         if not data:
             self.selector.unregister(conn)
+
+
+def _preload(name: str) -> None:
+    """Import ``name``; img2dataset's packages as its processes have them (no torch, no
+    wandb: compat.for_img2dataset), which suits every served stage, none of which trains.
+    The stages' own child processes (spawned pools) are not set up that way."""
+    if name.partition(".")[0] in _IMG2DATASET_PACKAGES:
+        compat.for_img2dataset(inherited=False)
+    importlib.import_module(name)
 
 
 def _closed(conn: socket.socket) -> bool:

@@ -172,6 +172,56 @@ def test_img2dataset_workers_fork_from_a_server_that_imported_it(tmp_path):
     assert "a shorter TMPDIR lets it" in result.stderr
 
 
+FORKED_SERVER_SCRIPT = """
+import os, sys, threading
+import psutil
+import dalle_data.compat as compat
+
+compat.for_img2dataset(inherited=False)  # as the stage server preloads it
+import img2dataset, albumentations.core
+
+
+def worker(_):
+    import albumentations
+    from img2dataset import resizer
+    return (sys.modules["torch"] is None, type(sys.modules["albumentations"]).__name__,
+            type(resizer.cv2).__name__, os.getppid())
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "thread":
+        threading.Thread(target=threading.Event().wait, daemon=True).start()
+    import multiprocessing.forkserver as fs
+    with compat.img2dataset_forkserver():
+        import img2dataset.distributor
+        server = psutil.Process(fs._forkserver._forkserver_pid)
+        print(server.cmdline() == psutil.Process().cmdline(), server.ppid() == os.getpid())
+        with img2dataset.distributor.get_context("spawn").Pool(2) as pool:
+            print(set((*w[:3], w[3] == server.pid) for w in pool.map(worker, range(4))))
+"""
+
+
+def test_a_process_that_imported_img2dataset_forks_its_forkserver(tmp_path):
+    """A stage forked from the stage server has img2dataset and albumentations loaded: its
+    forkserver is a fork of it (no interpreter to start, nothing to import), and the workers
+    forked from that have the same set-up as a spawned server's. With another Python thread
+    running, a fork could inherit a held lock: a new interpreter is started instead."""
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED_SERVER_SCRIPT)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    expected_workers = "{(True, 'module', '_ScaledDecodeCv2', True)}"
+    for mode, forked in (("alone", "True True"), ("thread", "False True")):
+        result = subprocess.run(
+            [sys.executable, str(script), mode],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [forked, expected_workers], mode
+
+
 REDUCED_DECODE_SCRIPT = """
 import io, json
 import cv2, numpy as np

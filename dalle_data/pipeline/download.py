@@ -23,11 +23,12 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from dalle_data.atomic import atomic_path, write_json
-from dalle_data.compat import img2dataset_fetch, img2dataset_forkserver
+from dalle_data.compat import img2dataset_fetch, img2dataset_forkserver, may_fork
 from dalle_data.pipeline.dedup import perceptual_hash
 from dalle_data.pipeline.download_plan import DownloadError
 from dalle_data.pipeline.download_results import PHASH_COLUMN
 from dalle_data.pipeline.hosts import Fetch, host_order, user_agent
+from dalle_data.pipeline.malloc import set_tunables
 
 # Pillow refuses images above 2 x 89,478,485 px and warns above 89,478,485 (its
 # MAX_IMAGE_PIXELS); img2dataset decodes with OpenCV, whose own limit (2**30 px) would let a
@@ -255,7 +256,10 @@ def _run_part(
         enable_wandb=False,
         incremental_mode="incremental",
     )
-    runner = multiprocessing.get_context("spawn").Process(
+    # A fork where this process is as good a parent as a new interpreter (compat.may_fork):
+    # a stage forked from the stage server has img2dataset imported, and so has its fork.
+    context = multiprocessing.get_context("fork" if may_fork() else "spawn")
+    runner = context.Process(  # type: ignore[attr-defined]
         target=_run_img2dataset, args=(options, settings, fetch), name=f"img2dataset {part.name}"
     )
     with _environment(GLIBC_TUNABLES=os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES)):
@@ -290,6 +294,9 @@ def _run_img2dataset(options: dict[str, Any], settings: DownloadSettings, fetch:
 
     Its own process, so the caller's process (a test, a notebook) keeps torch and wandb.
     """
+    # A forked runner started with the caller's allocator, not GLIBC_TUNABLES's; its forks
+    # (img2dataset's processes) inherit what it sets.
+    set_tunables(os.environ.get("GLIBC_TUNABLES", ""))
     with (
         img2dataset_forkserver(),
         spark_session(settings),

@@ -8,17 +8,38 @@ from __future__ import annotations
 
 import ctypes
 
+# GLIBC_TUNABLES's names of the settings mallopt can also change in a running process.
+_MALLOPT = {
+    "glibc.malloc.trim_threshold": -1,  # M_TRIM_THRESHOLD
+    "glibc.malloc.top_pad": -2,  # M_TOP_PAD
+    "glibc.malloc.mmap_threshold": -3,  # M_MMAP_THRESHOLD
+}
+# mmap_threshold: glibc's largest, so arrays below it reuse the heap.
+KEEP_FREED = (
+    "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
+    ":glibc.malloc.top_pad=67108864"
+)
 
-def keep_freed_memory() -> None:
-    """Let glibc's malloc keep freed memory for the next batch instead of handing it back to
-    the kernel: every batch allocates the same large arrays again, and faulting their pages
-    in afresh was a third of the filter's CPU time; this halves the page faults. (A no-op
-    where libc is not glibc.)"""
+
+def set_tunables(tunables: str) -> None:
+    """Apply the malloc settings of ``tunables`` (GLIBC_TUNABLES's syntax) to this process:
+    glibc reads the variable only when a program starts, so a forked process (and one that
+    was not started with it) needs mallopt. Other settings are left to the variable. (A
+    no-op where libc is not glibc.)"""
+    settings = [item.partition("=") for item in tunables.split(":")]
+    wanted = [(_MALLOPT[name], int(value)) for name, _, value in settings if name in _MALLOPT]
+    if not wanted:
+        return
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest: arrays below it reuse the heap
-    libc.mallopt(m_trim_threshold, 256 << 20)
-    libc.mallopt(m_top_pad, 64 << 20)
+    for option, value in wanted:
+        libc.mallopt(option, value)
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's malloc keep freed memory for the next batch instead of handing it back to
+    the kernel: every batch allocates the same large arrays again, and faulting their pages
+    in afresh was a third of the filter's CPU time; this halves the page faults."""
+    set_tunables(KEEP_FREED)
