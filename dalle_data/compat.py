@@ -310,9 +310,14 @@ _FORKSERVER_PRELOAD = ["__main__", "dalle_data.compat", "img2dataset", "albument
 def may_fork() -> bool:
     """Whether a fork of this process is as sound as a fresh interpreter: no Python thread
     but this one (a lock another holds would stay held in the child) and no torch (its
-    thread pools and CUDA state do not survive a fork). Native pools of the libraries the
-    pipeline loads (OpenBLAS, jemalloc, Arrow's) re-create themselves in a forked child."""
-    return hasattr(os, "fork") and threading.active_count() == 1 and not sys.modules.get("torch")
+    thread pools and CUDA state do not survive a fork), on Linux (elsewhere Python itself
+    spawns by default). Native pools of the libraries the pipeline loads (OpenBLAS,
+    jemalloc, Arrow's) re-create themselves in a forked child."""
+    return (
+        sys.platform.startswith("linux")
+        and threading.active_count() == 1
+        and not sys.modules.get("torch")
+    )
 
 
 def _imported(name: str) -> bool:

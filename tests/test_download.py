@@ -7,6 +7,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -305,6 +307,41 @@ def test_download_leaves_the_callers_process_alone(
     assert importlib.util.find_spec("torch") is not None
     assert "DALLE_DATA_IMG2DATASET_PROCESS" not in os.environ
     assert os.environ.get("GLIBC_TUNABLES") != GLIBC_TUNABLES
+
+
+MALLOC_SCRIPT = """
+import ctypes, sys
+from dalle_data.pipeline.malloc import set_tunables
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+set_tunables(sys.argv[1])
+before = libc.mallinfo2().hblks
+libc.malloc(4 << 20)
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+def test_a_forked_process_gets_the_download_allocator_settings() -> None:
+    """A runner forked from the stage server never read GLIBC_TUNABLES: set_tunables gives it
+    the same malloc settings, so a decoded image's 4 MB buffer comes from the heap instead of
+    an mmap of its own; settings glibc would not read are skipped, not fatal."""
+
+    def mmapped_blocks(tunables: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-c", MALLOC_SCRIPT, tunables], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    assert mmapped_blocks("") == "1"
+    assert mmapped_blocks(GLIBC_TUNABLES) == "0"
+    assert mmapped_blocks("glibc.malloc.mmap_threshold=0x2000000:glibc.malloc.top_pad=x:y") == "0"
 
 
 def test_missing_local_file_is_counted_as_file_not_found(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ importing the stage (and pandas with it).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 # GLIBC_TUNABLES's names of the settings mallopt can also change in a running process.
@@ -26,8 +27,10 @@ def set_tunables(tunables: str) -> None:
     glibc reads the variable only when a program starts, so a forked process (and one that
     was not started with it) needs mallopt. Other settings are left to the variable. (A
     no-op where libc is not glibc.)"""
-    settings = [item.partition("=") for item in tunables.split(":")]
-    wanted = [(_MALLOPT[name], int(value)) for name, _, value in settings if name in _MALLOPT]
+    wanted: list[tuple[int, int]] = []
+    for name, _, text in (item.partition("=") for item in tunables.split(":")):
+        with contextlib.suppress(KeyError, ValueError):  # glibc ignores what it can't read too
+            wanted.append((_MALLOPT[name], int(text, 0)))
     if not wanted:
         return
     try:
