@@ -303,8 +303,10 @@ class _ColumnWriter:
 
 
 # What img2dataset's worker and logger processes need, imported once in the forkserver they
-# fork from; the last one loads albumentations for real (a submodule needs its package).
-_FORKSERVER_PRELOAD = ["__main__", "dalle_data.compat", "img2dataset", "albumentations.core"]
+# fork from (or, already imported, in the process it is a fork of: the stage server preloads
+# them); the last one loads albumentations for real (a submodule needs its package).
+IMG2DATASET_MODULES = ("img2dataset", "albumentations.core")
+_FORKSERVER_PRELOAD = ["__main__", "dalle_data.compat", *IMG2DATASET_MODULES]
 
 
 def may_fork() -> bool:
@@ -320,7 +322,8 @@ def may_fork() -> bool:
     )
 
 
-def _imported(name: str) -> bool:
+def imported(name: str) -> bool:
+    """Whether ``name`` is loaded for real (not absent, None or a deferred stand-in)."""
     return isinstance(sys.modules.get(name), ModuleType) and not isinstance(
         sys.modules[name], _DeferredModule
     )
@@ -340,7 +343,7 @@ def img2dataset_forkserver() -> Iterator[None]:
 
     os.environ[_FOR_IMG2DATASET] = "1"
     context = multiprocessing.get_context("forkserver")
-    forked = may_fork() and all(map(_imported, _FORKSERVER_PRELOAD[2:]))
+    forked = may_fork() and all(map(imported, IMG2DATASET_MODULES))
     if forked:
         for_img2dataset()  # before the fork: the workers need its patches
     context.set_forkserver_preload([] if forked else _FORKSERVER_PRELOAD)

@@ -77,15 +77,16 @@ PRELOAD = (
     "dalle_data.formats.tokenizers",
     "tokenizers",
     # After dalle_data.pipeline.download, which sets OpenCV's pixel limit before cv2 loads:
-    # what img2dataset's processes import, so the download stage forks them ready.
-    # albumentations (0.5 s) in steps: its package imports scipy and huggingface_hub.
+    # what img2dataset's processes import (compat.IMG2DATASET_MODULES), so the download
+    # stage forks them ready. albumentations (0.5 s) in steps: its package imports scipy and
+    # huggingface_hub first.
     "img2dataset",
     "scipy.special",
     "scipy.ndimage",
     "huggingface_hub.hf_api",
     "albumentations.core",
 )
-_IMG2DATASET_PACKAGES = frozenset({"img2dataset", "albumentations"})
+_IMG2DATASET_PACKAGES = frozenset(m.partition(".")[0] for m in compat.IMG2DATASET_MODULES)
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _STARTED, _EXITED = b"A", b"X"
 _HEADER = struct.Struct("!I")

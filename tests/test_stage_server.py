@@ -272,11 +272,14 @@ def test_served_commands_exist_and_the_preload_starts_no_thread_and_no_torch() -
         "import os, sys, threading\n"
         "from dalle_data.stage_server import PRELOAD, _preload\n"
         "for m in PRELOAD: _preload(m)\n"
-        "print(threading.active_count(), sys.modules.get('torch'), 'img2dataset' in sys.modules)\n"
+        "from dalle_data.compat import IMG2DATASET_MODULES, imported\n"
+        "print(threading.active_count(), sys.modules.get('torch'), 'img2dataset' in sys.modules,"
+        " all(map(imported, IMG2DATASET_MODULES)))\n"
         "print(os.environ.get('DALLE_DATA_IMG2DATASET_PROCESS'))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     # torch is kept out (None in sys.modules), as in img2dataset's processes; the stages'
     # own spawned pools are not told to keep it out.
-    assert result.stdout.split() == ["1", "None", "True", "None"]
+    # ... and a download stage forked from it forks img2dataset's processes ready.
+    assert result.stdout.split() == ["1", "None", "True", "True", "None"]
