@@ -18,8 +18,9 @@
   (libjpeg's DCT scaling), several times faster, when that still covers ``image_size``.
 - Snakemake 9's job rate limiter re-checks the queue with a non-daemon ``threading.Timer``
   of its timespan (1 s) after every scheduling pass, so every run that ran a job waited up
-  to a second at exit: :func:`end_snakemake_run` (the Snakefile's onsuccess/onerror)
-  cancels it.
+  to a second at exit, and then spent 0.3 s collecting the garbage of its plugins' modules:
+  :func:`end_snakemake_run` (the Snakefile's onsuccess/onerror) cancels the timer and
+  freezes the heap.
 - img2dataset fetches every URL with its module-level ``download_image``, which keeps
   neither the HTTP status nor ``Retry-After``: :func:`img2dataset_fetch` puts another
   fetch in its place in each worker process, and can add a column computed from each
@@ -29,6 +30,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -451,12 +453,17 @@ def import_dalle_pytorch() -> ModuleType:
 
 
 def end_snakemake_run() -> None:
-    """Cancel the scheduler's pending re-check timer once the workflow is over (its only
-    action is to wake the scheduler, which has stopped): the interpreter joins non-daemon
-    threads at exit, so it would hold the finished run open for up to one timespan."""
+    """Let the finished run's process exit at once.
+
+    Cancel the scheduler's pending re-check timer (its only action is to wake the
+    scheduler, which has stopped): the interpreter joins non-daemon threads at exit, so it
+    would hold the run open for up to one timespan. And move every object to the collector's
+    permanent generation: the interpreter's last collections then skip Snakemake's heap of
+    modules and plugins (0.3 s here, out of every run's wall time)."""
     for thread in threading.enumerate():
         function = getattr(thread, "function", None)
         if isinstance(thread, threading.Timer) and getattr(function, "__module__", "") == (
             "snakemake.scheduling.job_scheduler"
         ):
             thread.cancel()
+    gc.freeze()

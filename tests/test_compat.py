@@ -283,7 +283,7 @@ def test_img2dataset_decodes_large_jpegs_at_a_reduced_scale_with_the_same_answer
 
 
 TIMER_SNAKEFILE = """
-import json, threading
+import gc, json, threading
 from dalle_data.compat import end_snakemake_run
 
 rule done:
@@ -298,13 +298,14 @@ onsuccess:
     before = pending()
     end_snakemake_run()
     with open("timers.json", "w") as out:
-        json.dump({"before": before, "after": pending()}, out)
+        json.dump({"before": before, "after": pending(), "frozen": gc.get_freeze_count()}, out)
 """
 
 
 def test_a_finished_snakemake_run_leaves_no_timer_to_wait_for(tmp_path):
     """Snakemake's rate limiter leaves a 1 s non-daemon timer after its last pass; the exit
-    would wait for it. If `before` comes back empty, Snakemake fixed it: drop the shim."""
+    would wait for it. If `before` comes back empty, Snakemake fixed it: drop the shim. And
+    the interpreter's last collections have nothing of Snakemake's heap left to walk."""
     (tmp_path / "Snakefile").write_text(TIMER_SNAKEFILE)
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--cores", "1", "done.txt"],
@@ -314,4 +315,6 @@ def test_a_finished_snakemake_run_leaves_no_timer_to_wait_for(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     timers = json.loads((tmp_path / "timers.json").read_text())
+    # Snakemake's modules and plugins alone are hundreds of thousands of objects.
+    assert timers.pop("frozen") > 100_000
     assert timers == {"before": ["snakemake.scheduling.job_scheduler"], "after": []}

@@ -239,6 +239,48 @@ def test_the_stage_gets_the_clients_environment_umask_and_streams(tmp_path: Path
     }
 
 
+# A stand-in command for `_run_stage`: it registers an exit handler, leaves output in the
+# buffer, then ends with ENDING.
+ENDING_SCRIPT = """
+import atexit, os, sys
+from dalle_data import cli, stage_server
+def command():
+    atexit.register(lambda: print("exit handler ran"))
+    sys.stdout.write("buffered, ")
+    ENDING
+cli.main = command
+request = {"argv": ["dalle-data"], "cwd": os.getcwd(), "env": dict(os.environ), "umask": 0o22}
+stage_server._run_stage(stage_server._Stage(request, [0, 1, 2], {}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("ending", "status", "message"),
+    [
+        ("pass", 0, ""),
+        ("sys.exit(3)", 3, ""),
+        ("sys.exit('no shards here')", 1, "no shards here\n"),
+        ("raise RuntimeError('boom')", 1, "RuntimeError: boom\n"),
+        ("raise KeyboardInterrupt", -signal.SIGINT, "KeyboardInterrupt\n"),
+    ],
+)
+def test_a_stage_ends_as_its_interpreter_would(
+    tmp_path: Path, ending: str, status: int, message: str
+) -> None:
+    """Without the interpreter's teardown, a stage still runs its exit handlers, flushes its
+    buffered output, and exits with the status and message Python would give it."""
+    result = subprocess.run(
+        [sys.executable, "-c", ENDING_SCRIPT.replace("ENDING", ending)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == status, result.stderr
+    assert result.stdout == "buffered, exit handler ran\n"
+    assert result.stderr.endswith(message)
+
+
 def test_the_server_leaves_when_its_snakemake_does(tmp_path: Path) -> None:
     """Started by a process that then dies (Snakemake killed -9): it takes no more stages,
     removes its socket and exits."""
