@@ -88,6 +88,10 @@ PRELOAD = (
     "albumentations.core",
 )
 _IMG2DATASET_PACKAGES = frozenset(m.partition(".")[0] for m in compat.IMG2DATASET_MODULES)
+# Stages that wait for the whole preload: a download forked before img2dataset's modules
+# are in would start its forkserver as a new interpreter importing them again (about 1 s,
+# against at most one import's wait here).
+_NEEDS_PRELOAD = frozenset({"download"})
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _STARTED, _EXITED = b"A", b"X"
 _HEADER = struct.Struct("!I")
@@ -312,6 +316,7 @@ class _Server:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, "accept")
         self.stages: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, conn)
+        self.pending = list(PRELOAD)
         self.closing = self.stop_requested = False
         self.env_at_start = _initial_environ()
         # A signal also wakes the selector, so a stop takes effect at once.
@@ -337,14 +342,12 @@ class _Server:
 
     def serve(self) -> _Stage | None:
         """Run until closed: None in the server, the stage to run in each forked child."""
-        pending = list(PRELOAD)
         while not (self.closing and not self.stages):
             if self.stop_requested or os.getppid() != self.parent:
                 self.close()  # stopped, or Snakemake is gone: finish what runs, take no more
-            events = self.selector.select(timeout=0 if pending and not self.closing else 1.0)
-            if not events and pending:
-                with contextlib.suppress(Exception):  # the stage then imports it itself
-                    _preload(pending.pop(0))
+            events = self.selector.select(timeout=0 if self.pending and not self.closing else 1.0)
+            if not events and self.pending:
+                self.preload_next()
             for key, _mask in events:
                 if key.data == "wake":
                     self.wake_read.recv(64)
@@ -357,6 +360,16 @@ class _Server:
                 else:
                     self._signal(key.fileobj, key.data)  # type: ignore[arg-type]
         return None
+
+    def preload_next(self) -> None:
+        with contextlib.suppress(Exception):  # the stage then imports it itself
+            _preload(self.pending.pop(0))
+
+    def ready_for(self, argv: list[str]) -> None:
+        """Before forking a stage that needs the whole preload, finish it."""
+        if argv[1:2] and argv[1] in _NEEDS_PRELOAD:
+            while self.pending:
+                self.preload_next()
 
     def _accept(self) -> _Stage | None:
         conn, _ = self.listener.accept()
@@ -376,6 +389,7 @@ class _Server:
             request = json.loads(body)
             if request.get("package") != _PACKAGE:
                 raise ValueError("a client of another dalle_data install")
+            self.ready_for(request["argv"])
             if _closed(conn):  # it gave up waiting and runs the stage itself: not twice
                 raise OSError("client left")
         except (OSError, ValueError):
