@@ -60,6 +60,7 @@ SERVED = frozenset(
 )
 # Imported by the server before it forks a stage, in the order the pipeline needs them;
 # one module between requests, so a stage that arrives early waits at most for one import.
+# `module:function`: also call that function (a cache that the stages then share).
 PRELOAD = (
     "dalle_data.cli",
     "typer._adapters",  # typer imports it (and pydantic) when it parses a command line
@@ -76,7 +77,6 @@ PRELOAD = (
     "dalle_data.pipeline.dataset_card",
     "dalle_data.formats.manifest",
     "dalle_data.formats.tokenizers",
-    "tokenizers",
     # After dalle_data.pipeline.download, which sets OpenCV's pixel limit before cv2 loads:
     # what img2dataset's processes import (compat.IMG2DATASET_MODULES), so the download
     # stage forks them ready. albumentations (0.5 s) in steps: its package imports scipy and
@@ -86,12 +86,9 @@ PRELOAD = (
     "scipy.ndimage",
     "huggingface_hub.hf_api",
     "albumentations.core",
+    "dalle_data.formats.tokenizers:clip_model",  # the tokenizer finalize and verify use
 )
 _IMG2DATASET_PACKAGES = frozenset(m.partition(".")[0] for m in compat.IMG2DATASET_MODULES)
-# Stages that wait for the whole preload: a download forked before img2dataset's modules
-# are in would start its forkserver as a new interpreter importing them again (about 1 s,
-# against at most one import's wait here).
-_NEEDS_PRELOAD = frozenset({"download"})
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _STARTED, _EXITED = b"A", b"X"
 _HEADER = struct.Struct("!I")
@@ -366,9 +363,11 @@ class _Server:
             _preload(self.pending.pop(0))
 
     def ready_for(self, argv: list[str]) -> None:
-        """Before forking a stage that needs the whole preload, finish it."""
-        if argv[1:2] and argv[1] in _NEEDS_PRELOAD:
-            while self.pending:
+        """Before forking a download, preload img2dataset's modules: forked without them, it
+        would start its forkserver as a new interpreter that imports them again (about 1 s,
+        against a few imports' wait here). Any other stage imports what it needs itself."""
+        if argv[1:2] == ["download"]:
+            while self.pending and not all(map(compat.imported, compat.IMG2DATASET_MODULES)):
                 self.preload_next()
 
     def _accept(self) -> _Stage | None:
@@ -452,12 +451,16 @@ class _Server:
 
 
 def _preload(name: str) -> None:
-    """Import ``name``; img2dataset's packages as its processes have them (no torch, no
+    """Import ``name`` (and call ``function`` of ``module:function``); img2dataset's
+    packages as its processes have them (no torch, no
     wandb: compat.for_img2dataset), which suits every served stage, none of which trains.
     The stages' own child processes (spawned pools) are not set up that way."""
-    if name.partition(".")[0] in _IMG2DATASET_PACKAGES:
+    module_name, _, function = name.partition(":")
+    if module_name.partition(".")[0] in _IMG2DATASET_PACKAGES:
         compat.for_img2dataset(inherited=False)
-    importlib.import_module(name)
+    module = importlib.import_module(module_name)
+    if function:
+        getattr(module, function)()
 
 
 def _closed(conn: socket.socket) -> bool:

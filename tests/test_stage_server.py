@@ -327,19 +327,23 @@ def test_served_commands_exist_and_the_preload_starts_no_thread_and_no_torch() -
     assert result.stdout.split() == ["1", "None", "True", "True", "None"]
 
 
-def test_a_download_waits_for_the_whole_preload_and_other_stages_do_not() -> None:
+def test_a_download_waits_for_img2datasets_modules_and_other_stages_do_not() -> None:
     """Forked before img2dataset's modules are in, a download would start its forkserver as
     a new interpreter importing them again; any other stage imports what it needs itself."""
     code = (
         "import os, socket, sys\n"
-        "from dalle_data import stage_server as s\n"
+        "from dalle_data import compat, stage_server as s\n"
+        "compat.IMG2DATASET_MODULES = ('colorsys',)\n"
         "server = s._Server(os.devnull, socket.socket(socket.AF_UNIX), os.getppid())\n"
-        "server.pending = ['colorsys', 'wave']\n"
+        "server.pending = ['wave', 'colorsys', 'calendar']\n"
         "server.ready_for(['dalle-data', 'verify', 'shards'])\n"
-        "print(len(server.pending), 'colorsys' in sys.modules)\n"
+        "print(server.pending, 'wave' in sys.modules)\n"
         "server.ready_for(['dalle-data', 'download', '--part', 'p.parquet'])\n"
-        "print(len(server.pending), 'colorsys' in sys.modules, 'wave' in sys.modules)\n"
+        "print(server.pending, 'wave' in sys.modules, 'colorsys' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["2 False", "0 True True"]
+    assert result.stdout.splitlines() == [
+        "['wave', 'colorsys', 'calendar'] False",
+        "['calendar'] True True",
+    ]
