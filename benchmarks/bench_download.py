@@ -58,6 +58,10 @@ BIN = Path(sys.executable).parent
 DISTINCT = 64  # distinct JPEG bodies, served under N distinct URLs
 PHOTO_SIZES = [(1600, 1200), (2048, 1536), (1200, 1600), (2400, 1600)]
 IMAGE_SIZE = 256
+# albumentations looks for a newer version online at import unless told not to; offline,
+# that waits about 3 s for a timeout in every process. Plain img2dataset (a child of this
+# process) is spared it, as it would be on a machine with a network.
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 
 
 def jpegs() -> list[bytes]:
@@ -572,8 +576,6 @@ faster than plain img2dataset (dalle_data/pipeline/download.py, dalle_data/compa
   img2dataset imports even with enable_wandb=False (about 3 s of start-up each);
 - glibc's malloc keeps the decoded images' buffers in the heap instead of an mmap/munmap
   pair each (a third to a half of the system time);
-- albumentations does not look for updates online at import, which plain img2dataset does
-  in each process;
 - it fetches each URL with its own function (dalle_data/pipeline/hosts.py: the same GET,
   over one kept-alive connection per host and download thread instead of urllib's
   connection per image, with the failure's reason and Retry-After kept).
