@@ -33,6 +33,7 @@ import socket
 import struct
 import sys
 import tempfile
+import threading
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from dalle_data import compat
@@ -488,9 +489,10 @@ def _initial_environ() -> dict[str, str]:
 def _run_stage(stage: _Stage) -> NoReturn:
     """Run the stage's command in this fork and end it as an interpreter would, less the
     teardown of every module: that would touch each object the server preloaded and copy
-    its pages (about 0.1 s a stage). Exit handlers still run and the streams are flushed,
-    and the exit status is the interpreter's: SystemExit's code (its message printed), 1
-    after an uncaught exception, death by SIGINT after an uncaught KeyboardInterrupt.
+    its pages (about 0.1 s a stage). As at an interpreter's exit, the stage's non-daemon
+    threads are waited for, exit handlers run and the streams are flushed, and the exit
+    status is the interpreter's: SystemExit's code (its message printed), 1 after an
+    uncaught exception, death by SIGINT after an uncaught KeyboardInterrupt.
     (multiprocessing's forked workers end with os._exit the same way.)"""
     stage.become()
     from dalle_data.cli import main as cli_main
@@ -507,6 +509,7 @@ def _run_stage(stage: _Stage) -> NoReturn:
     except BaseException as exc:
         sys.excepthook(type(exc), exc, exc.__traceback__)
         code, interrupted = 1, isinstance(exc, KeyboardInterrupt)
+    threading._shutdown()  # type: ignore[attr-defined]  # what Py_FinalizeEx calls first
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed pipe: nothing more can be told

@@ -240,13 +240,14 @@ def test_the_stage_gets_the_clients_environment_umask_and_streams(tmp_path: Path
 
 
 # A stand-in command for `_run_stage`: it registers an exit handler, leaves output in the
-# buffer, then ends with ENDING.
+# buffer and a thread still running, then ends with ENDING.
 ENDING_SCRIPT = """
-import atexit, os, sys
+import atexit, os, sys, threading, time
 from dalle_data import cli, stage_server
 def command():
     atexit.register(lambda: print("exit handler ran"))
     sys.stdout.write("buffered, ")
+    threading.Thread(target=lambda: (time.sleep(0.3), print("thread done, ", end=""))).start()
     ENDING
 cli.main = command
 request = {"argv": ["dalle-data"], "cwd": os.getcwd(), "env": dict(os.environ), "umask": 0o22}
@@ -267,8 +268,9 @@ stage_server._run_stage(stage_server._Stage(request, [0, 1, 2], {}))
 def test_a_stage_ends_as_its_interpreter_would(
     tmp_path: Path, ending: str, status: int, message: str
 ) -> None:
-    """Without the interpreter's teardown, a stage still runs its exit handlers, flushes its
-    buffered output, and exits with the status and message Python would give it."""
+    """Without the interpreter's teardown, a stage still waits for its threads, runs its exit
+    handlers, flushes its buffered output, and exits with the status and message Python
+    would give it."""
     result = subprocess.run(
         [sys.executable, "-c", ENDING_SCRIPT.replace("ENDING", ending)],
         capture_output=True,
@@ -277,7 +279,7 @@ def test_a_stage_ends_as_its_interpreter_would(
         timeout=60,
     )
     assert result.returncode == status, result.stderr
-    assert result.stdout == "buffered, exit handler ran\n"
+    assert result.stdout == "buffered, thread done, exit handler ran\n"
     assert result.stderr.endswith(message)
 
 
