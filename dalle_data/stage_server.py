@@ -453,9 +453,9 @@ class _Server:
 
 def _preload(name: str) -> None:
     """Import ``name`` (and call ``function`` of ``module:function``); img2dataset's
-    packages as its processes have them (no torch, no
-    wandb: compat.for_img2dataset), which suits every served stage, none of which trains.
-    The stages' own child processes (spawned pools) are not set up that way."""
+    packages as its processes have them (no torch, no wandb: compat.for_img2dataset), which
+    suits every served stage, none of which trains. The stages' own child processes
+    (spawned pools) are not set up that way."""
     module_name, _, function = name.partition(":")
     if module_name.partition(".")[0] in _IMG2DATASET_PACKAGES:
         compat.for_img2dataset(inherited=False)

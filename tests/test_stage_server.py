@@ -56,6 +56,13 @@ def stage_processes(server_pid: int) -> list[psutil.Process]:
     return psutil.Process(server_pid).children(recursive=True)
 
 
+def python_output(code: str) -> str:
+    """What ``code`` prints, run by a fresh interpreter that must succeed."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def wait_for(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -321,12 +328,10 @@ def test_served_commands_exist_and_the_preload_starts_no_thread_and_no_torch() -
         " all(map(imported, IMG2DATASET_MODULES)))\n"
         "print(os.environ.get('DALLE_DATA_IMG2DATASET_PROCESS'))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
     # torch is kept out (None in sys.modules), as in img2dataset's processes; the stages'
     # own spawned pools are not told to keep it out.
     # ... and a download stage forked from it forks img2dataset's processes ready.
-    assert result.stdout.split() == ["1", "None", "True", "True", "None"]
+    assert python_output(code).split() == ["1", "None", "True", "True", "None"]
 
 
 def test_a_download_waits_for_img2datasets_modules_and_other_stages_do_not() -> None:
@@ -343,9 +348,7 @@ def test_a_download_waits_for_img2datasets_modules_and_other_stages_do_not() -> 
         "server.ready_for(['dalle-data', 'download', '--part', 'p.parquet'])\n"
         "print(server.pending, 'wave' in sys.modules, 'colorsys' in sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
+    assert python_output(code).splitlines() == [
         "['wave', 'colorsys', 'calendar'] False",
         "['calendar'] True True",
     ]
