@@ -15,7 +15,8 @@
   interpreters that each import it again.
 - img2dataset's Resizer decodes every JPEG at full size and then shrinks it:
   :func:`for_img2dataset` lets it decode a large JPEG at 1/2, 1/4 or 1/8 of its size
-  (libjpeg's DCT scaling), several times faster, when that still covers ``image_size``.
+  (libjpeg's DCT scaling), several times faster, when that still covers ``image_size``,
+  and builds its resize transform once instead of for every image.
 - Snakemake 9's job rate limiter re-checks the queue with a non-daemon ``threading.Timer``
   of its timespan (1 s) after every scheduling pass, so every run that ran a job waited up
   to a second at exit, and then spent 0.3 s collecting the garbage of its plugins' modules:
@@ -35,9 +36,11 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import io
 import os
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -113,6 +116,7 @@ def for_img2dataset(*, inherited: bool = True) -> None:
     # logger never resize. The worker processes fork from a server that loaded it once.
     _defer_import("albumentations")
     _reduced_jpeg_decode()
+    _cached_transforms()
     _forkserver_logger()
 
 
@@ -193,7 +197,8 @@ def _reduced_jpeg_decode() -> None:
     the recorded original_width/original_height stay the JPEG's own.
     """
     from img2dataset import resizer as module
-    from PIL import Image
+
+    from dalle_data import jpeg
 
     if isinstance(module.cv2, _ScaledDecodeCv2):
         return
@@ -209,25 +214,62 @@ def _reduced_jpeg_decode() -> None:
             or self.disable_all_reencoding
         ):
             return full_call(self, img_stream, blurring_bbox_list)
-        try:
-            img_stream.seek(0)
-            with Image.open(img_stream) as header:  # reads the header only
-                kind, size = (header.format, header.mode), header.size
-        except Exception:  # not an image Pillow knows: Resizer reports it as it always does
+        found = None
+        if isinstance(img_stream, io.BytesIO):
+            with img_stream.getbuffer() as data:
+                found = jpeg.frame(data)
+        # Not a JPEG of one or three components: Resizer decodes it whole and reports on it
+        # as it always does.
+        if found is None or found.components not in (1, 3):
             return full_call(self, img_stream, blurring_bbox_list)
-        scale = jpeg_scale(self, *size) if kind in {("JPEG", "RGB"), ("JPEG", "L")} else 1
+        scale = jpeg_scale(self, found.width, found.height)
         if scale == 1:
             return full_call(self, img_stream, blurring_bbox_list)
-        cv2.scale.value = (scale, kind[1] == "L")
+        cv2.scale.value = (scale, found.components == 1)
         try:
             result = full_call(self, img_stream, blurring_bbox_list)
         finally:
             cv2.scale.value = None
         if result[-1] is None:  # the source's size, not the scaled decode's
-            result = (*result[:3], *size, None)
+            result = (*result[:3], found.width, found.height, None)
         return result
 
     module.Resizer.__call__ = call
+
+
+class _CachedTransforms:
+    """img2dataset's resizer's ``albumentations``: the transforms it builds for every image
+    (``A.SmallestMaxSize(...)`` and the like: 0.1 ms each, most of it pydantic validating
+    the arguments) are built once per set of arguments. None of them draws a random
+    parameter, so one instance answers every call as a new one would."""
+
+    _BUILT_PER_IMAGE = frozenset({"SmallestMaxSize", "LongestMaxSize", "CenterCrop", "PadIfNeeded"})
+
+    def __init__(self, albumentations: Any) -> None:
+        self._module = albumentations
+        self._built: dict[Any, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._module, name)
+        if name not in self._BUILT_PER_IMAGE:
+            return value
+
+        def build(**kwargs: Any) -> Any:
+            key = (name, repr(sorted(kwargs.items())))
+            transform = self._built.get(key)
+            if transform is None:
+                transform = self._built[key] = value(**kwargs)
+            return transform
+
+        return build
+
+
+def _cached_transforms() -> None:
+    """Let img2dataset's ``Resizer`` reuse its transforms (see _CachedTransforms)."""
+    from img2dataset import resizer as module
+
+    if not isinstance(module.A, _CachedTransforms):
+        module.A = _CachedTransforms(module.A)
 
 
 def _forkserver_logger() -> None:
@@ -274,7 +316,12 @@ class _FetchingDownloader:
 class _ColumnWriterClass:
     """img2dataset's ``sample_writer_class`` whose writers also record ``compute(image)``
     (a uint64) under ``column`` for every written image, in the parquet and json beside each
-    tar. Picklable (its parts are module-level), as the Downloader that holds it must be."""
+    tar. Picklable (its parts are module-level), as the Downloader that holds it must be.
+
+    A webdataset tar's members get the writer's start time in whole seconds: webdataset
+    stamps each member with ``time.time()``, a float that the ustar header cannot hold, so
+    tarfile put a pax header before every member (1 KB and 85 us a member).
+    """
 
     def __init__(self, writer_class: Any, column: str, compute: Callable[[bytes], int]) -> None:
         self.writer_class = writer_class
@@ -287,7 +334,11 @@ class _ColumnWriterClass:
         # (shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format)
         given = list(args)
         given[4] = given[4].append(pa.field(self.column, pa.uint64()))
-        return _ColumnWriter(self.writer_class(*given), self.column, self.compute)
+        writer = self.writer_class(*given)
+        tar = getattr(writer, "tarwriter", None)
+        if tar is not None and tar.mtime is None:
+            tar.mtime = int(time.time())
+        return _ColumnWriter(writer, self.column, self.compute)
 
 
 class _ColumnWriter:

@@ -51,6 +51,8 @@ rule card:
         duplicates=f"{OUT}/{{dataset}}/shards/duplicates.png",
     params:
         shards=subpath(input.manifest, parent=True),
+    # The longest of the three jobs after finalize: first, so it ends with the two verifies.
+    priority: 1
     log:
         f"{OUT}/{{dataset}}/logs/card.log",
     benchmark:

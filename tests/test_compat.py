@@ -282,6 +282,51 @@ def test_img2dataset_decodes_large_jpegs_at_a_reduced_scale_with_the_same_answer
     assert found["scales"] == [4, 2, 1]  # 129 / 2 rounds up to 65 > 64; 128 / 2 does not
 
 
+CACHED_TRANSFORMS_SCRIPT = """
+import io, json
+import numpy as np
+from PIL import Image
+from img2dataset.resizer import Resizer
+import dalle_data.compat as compat
+
+rng = np.random.default_rng(1)
+def png(w, h):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+bodies = [png(w, h) for w, h in ((300, 200), (90, 120), (64, 64), (500, 250), (120, 90))]
+modes = ("keep_ratio", "center_crop", "border", "keep_ratio_largest")
+resizers = [Resizer(image_size=96, resize_mode=m, resize_only_if_bigger=False,
+                    min_image_size=16, max_aspect_ratio=3.0) for m in modes]
+def run():
+    return [r(io.BytesIO(b)) for r in resizers for b in bodies * 2]
+built = run()
+compat._cached_transforms()
+from img2dataset import resizer as module
+cached = run()
+print(json.dumps({
+    "same": [a == b for a, b in zip(built, cached)],
+    "kinds": sorted({key[0] for key in module.A._built}),
+    "instances": len(module.A._built),
+}))
+"""
+
+
+def test_img2dataset_builds_its_resize_transforms_once_with_the_same_output(tmp_path):
+    """The resizer's transforms are built once per set of arguments; every image of every
+    resize mode comes out byte for byte as with a transform built for it."""
+    script = tmp_path / "cached.py"
+    script.write_text(CACHED_TRANSFORMS_SCRIPT)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert len(found["same"]) == 40 and all(found["same"]), found["same"]
+    assert found["kinds"] == ["CenterCrop", "LongestMaxSize", "PadIfNeeded", "SmallestMaxSize"]
+    # up- and downscale interpolations differ: two of each max-size transform at most
+    assert found["instances"] <= 6
+
+
 TIMER_SNAKEFILE = """
 import gc, json, threading
 from dalle_data.compat import end_snakemake_run

@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,6 +278,24 @@ def test_good_images_present_with_metadata(hostile: tuple[LocalServer, list[dict
         assert sample["txt"].decode() == row["caption"]
         stored = Image.open(io.BytesIO(sample["jpg"]))
         assert stored.format == "JPEG" and min(stored.size) == IMAGE_SIZE
+
+
+def test_img2datasets_tars_carry_plain_ustar_members(
+    hostile: tuple[LocalServer, list[dict], Path],
+) -> None:
+    """Each member of a downloaded tar is one 512-byte ustar header and its data: no pax
+    header (webdataset's float mtime needs one per member) before it."""
+    _, _, ds_dir = hostile
+    tars = sorted((ds_dir / "downloaded").glob("part-*/*.tar"))
+    assert tars
+    for path in tars:
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+        assert members and all(m.isfile() and not m.pax_headers for m in members), path
+        assert len({m.mtime for m in members}) == 1 and isinstance(members[0].mtime, int)
+        # a pax member would add two blocks before the header
+        expected = sum(512 + -(-m.size // 512) * 512 for m in members)
+        assert members[-1].offset_data + -(-members[-1].size // 512) * 512 == expected
 
 
 def test_file_url_of_web_dataset_never_reaches_img2dataset(
