@@ -36,7 +36,6 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import io
 import os
 import sys
 import threading
@@ -197,8 +196,7 @@ def _reduced_jpeg_decode() -> None:
     the recorded original_width/original_height stay the JPEG's own.
     """
     from img2dataset import resizer as module
-
-    from dalle_data import jpeg
+    from PIL import Image
 
     if isinstance(module.cv2, _ScaledDecodeCv2):
         return
@@ -214,24 +212,22 @@ def _reduced_jpeg_decode() -> None:
             or self.disable_all_reencoding
         ):
             return full_call(self, img_stream, blurring_bbox_list)
-        found = None
-        if isinstance(img_stream, io.BytesIO):
-            with img_stream.getbuffer() as data:
-                found = jpeg.frame(data)
-        # Not a JPEG of one or three components: Resizer decodes it whole and reports on it
-        # as it always does.
-        if found is None or found.components not in (1, 3):
+        try:
+            img_stream.seek(0)
+            with Image.open(img_stream) as header:  # reads the header only
+                kind, size = (header.format, header.mode), header.size
+        except Exception:  # not an image Pillow knows: Resizer reports it as it always does
             return full_call(self, img_stream, blurring_bbox_list)
-        scale = jpeg_scale(self, found.width, found.height)
+        scale = jpeg_scale(self, *size) if kind in {("JPEG", "RGB"), ("JPEG", "L")} else 1
         if scale == 1:
             return full_call(self, img_stream, blurring_bbox_list)
-        cv2.scale.value = (scale, found.components == 1)
+        cv2.scale.value = (scale, kind[1] == "L")
         try:
             result = full_call(self, img_stream, blurring_bbox_list)
         finally:
             cv2.scale.value = None
         if result[-1] is None:  # the source's size, not the scaled decode's
-            result = (*result[:3], found.width, found.height, None)
+            result = (*result[:3], *size, None)
         return result
 
     module.Resizer.__call__ = call
@@ -319,8 +315,8 @@ class _ColumnWriterClass:
     tar. Picklable (its parts are module-level), as the Downloader that holds it must be.
 
     A webdataset tar's members get the writer's start time in whole seconds: webdataset
-    stamps each member with ``time.time()``, a float that the ustar header cannot hold, so
-    tarfile put a pax header before every member (1 KB and 85 us a member).
+    stamps each member with ``time.time()``, a float the ustar header cannot hold, for
+    which tarfile writes a pax header before the member (1 KB and 85 us a member).
     """
 
     def __init__(self, writer_class: Any, column: str, compute: Callable[[bytes], int]) -> None:

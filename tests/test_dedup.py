@@ -139,64 +139,6 @@ def test_phash_survives_reencoding_and_slight_resizes_but_tells_pictures_apart()
     assert d[np.triu_indices(len(hashes), 1)].min() > 10
 
 
-def pillow_grey(image: bytes) -> Image.Image:
-    """The hash's input as Pillow alone decodes it: draft mode, grey."""
-    with Image.open(io.BytesIO(image)) as im:
-        im.draft("L", (64, 64))
-        return im.convert("L")
-
-
-def pillow_phash(image: bytes) -> int:
-    grey = pillow_grey(image).resize((32, 32), Image.Resampling.LANCZOS)
-    return phash_bits(np.asarray(grey, dtype=np.int64))
-
-
-def test_phash_of_a_jpeg_decoded_by_opencv_is_pillows_bit_for_bit() -> None:
-    """OpenCV decodes the JPEGs the download writes (and any baseline or progressive one,
-    grey or colour, of any size and orientation) at Pillow's draft scale: the same pixels,
-    so the same hash as stored datasets have. The rest goes to Pillow as before."""
-    import cv2
-
-    from dalle_data.pipeline.dedup import _reduced_grey
-
-    def oriented(image: Image.Image) -> bytes:
-        exif = Image.Exif()
-        exif[0x0112] = 6  # rotated 90 degrees: neither decoder applies it
-        buf = io.BytesIO()
-        image.save(buf, "JPEG", quality=90, exif=exif)
-        return buf.getvalue()
-
-    sizes = [(64, 64), (127, 129), (128, 200), (341, 256), (256, 384), (520, 511), (1030, 700)]
-    fast = []
-    for seed, size in enumerate(sizes):
-        picture = photo(seed, size)
-        bgr = np.asarray(picture)[:, :, ::-1]
-        buf = io.BytesIO()
-        picture.save(buf, "JPEG", quality=85, progressive=True)
-        fast += [
-            jpeg(picture),
-            jpeg(picture.convert("L"), 75),
-            cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(),
-            buf.getvalue(),
-            oriented(picture),
-        ]
-    for image in fast:
-        assert np.array_equal(_reduced_grey(image), np.asarray(pillow_grey(image)))
-        assert perceptual_hash(image) == pillow_phash(image)
-    cmyk, png = io.BytesIO(), io.BytesIO()
-    photo(1, (200, 150)).convert("CMYK").save(cmyk, "JPEG")
-    photo(2, (200, 150)).save(png, "PNG")
-    tiny = jpeg(photo(3, (40, 30)))
-    assert np.array_equal(_reduced_grey(tiny), np.asarray(pillow_grey(tiny)))
-    for image in (cmyk.getvalue(), png.getvalue()):
-        assert _reduced_grey(image) is None
-        assert perceptual_hash(image) == pillow_phash(image)
-    cut = jpeg(photo(4, (300, 200)))[:-500]
-    assert _reduced_grey(cut) is None  # Pillow judges a JPEG cut short, as before
-    with pytest.raises(OSError):
-        perceptual_hash(cut)
-
-
 def test_caption_lines_of_one_picture_stay_within_a_split_but_not_across_splits() -> None:
     """A folder dataset lists a picture once per caption line: within a split those rows
     are one source image, not copies; a training row of an eval picture is still dropped."""

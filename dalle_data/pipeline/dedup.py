@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dalle_data import jpeg
 from dalle_data.formats.manifest import EVAL_SPLIT, TRAIN_SPLIT
 from dalle_data.formats.webdataset import row_key
 
@@ -47,35 +46,10 @@ def perceptual_hash(image: bytes) -> int:
     """The 64-bit pHash of an encoded image (bit 63 = the lowest frequency)."""
     from PIL import Image
 
-    reduced = _reduced_grey(image)
-    if reduced is not None:
-        grey = Image.fromarray(reduced)
-    else:
-        with Image.open(io.BytesIO(image)) as im:
-            im.draft("L", (2 * _SIDE, 2 * _SIDE))
-            grey = im.convert("L")
-    return phash_bits(np.asarray(grey.resize((_SIDE, _SIDE), Image.Resampling.LANCZOS), np.int64))
-
-
-def _reduced_grey(image: bytes) -> np.ndarray | None:
-    """A whole JPEG's luma at the scale Pillow's ``draft("L", (64, 64))`` picks (the largest
-    of 1/8, 1/4, 1/2 that keeps both sides at least 64 px), decoded by OpenCV: the same
-    libjpeg output, without Pillow's marker parsing in Python (a quarter of the hash's
-    time). None for anything else (other formats, CMYK, a JPEG cut short): Pillow decodes
-    those."""
-    import cv2
-
-    found = jpeg.frame(image)
-    if found is None or found.components not in (1, 3) or not image.endswith(b"\xff\xd9"):
-        return None
-    fits = min(found.width, found.height) // (2 * _SIDE)
-    scales = (
-        (8, cv2.IMREAD_REDUCED_GRAYSCALE_8),
-        (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
-        (2, cv2.IMREAD_REDUCED_GRAYSCALE_2),
-    )
-    flags = next((flag for scale, flag in scales if fits >= scale), cv2.IMREAD_GRAYSCALE)
-    return cv2.imdecode(np.frombuffer(image, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
+    with Image.open(io.BytesIO(image)) as im:
+        im.draft("L", (2 * _SIDE, 2 * _SIDE))
+        grey = im.convert("L").resize((_SIDE, _SIDE), Image.Resampling.LANCZOS)
+    return phash_bits(np.asarray(grey, dtype=np.int64))
 
 
 def phash_bits(pixels: np.ndarray) -> int:
