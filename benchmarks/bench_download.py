@@ -14,8 +14,9 @@ per-stage table comes from the `benchmark:` files Snakemake writes for each rule
 
 The floor: a tight loop over the same N bodies in 2 processes that only decodes (DCT-scaled
 when the JPEG is at least twice the target), resizes (area) and encodes (quality 95) with
-OpenCV, the fastest path here; the pipeline's rate is reported as a fraction of it (goal
->= 0.6; both use the same 2 cores, so the fraction is also per core). Quality: PSNR of every
+OpenCV, the fastest path here, timed right before and after each pipeline run; the
+pipeline's rate is reported as a fraction of its mean rate (goal >= 0.6; both use the same
+2 cores, so the fraction is also per core). Quality: PSNR of every
 stored image against a full decode + area resize of its source (img2dataset's own resize
 without the JPEG encode), for the pipeline and, for scale, plain img2dataset.
 
@@ -359,21 +360,24 @@ def run_set(
             path = folder("pipeline")
             return pipeline(f"{base}/{source}", path, **options), path
 
-        # Plain, then (pipeline, plain) `repeats` times: each pipeline run between two plain
-        # ones, so the machine's drift weighs on both sides alike.
+        # Plain, then (floor, pipeline, floor, plain) `repeats` times: each pipeline run
+        # between two plain ones and right between two floor loops, so the machine's drift
+        # weighs on both sides of the ratio and of the fraction alike.
         plain_runs: list[tuple[float, int, float]] = []
         plain_dirs: list[Path] = []
         pipe_runs = []
+        floor_runs: list[tuple[float, int]] = []
         plain_run()
         for _ in range(repeats):
+            floor_runs.append(floor_rate(distinct, n))
             pipe_runs.append(pipe_run())
+            floor_runs.append(floor_rate(distinct, n))
             plain_run()
         # The same build with every stage in a process of its own (no stage server): its
         # benchmark files also give each stage's own CPU time.
         (alone_s, alone_n, alone_stages, _), _ = pipe_run(stage_server=False)
         if retry_after is not None:  # the same build without the retry machinery
             no_retry, _ = pipe_run(retry_rounds=0)
-        floor_s, floor_n = floor_rate(distinct, n)
         (pipe_s, pipe_n, stages, pipe_host), first = pipe_runs[0]
         shards = sorted((first / "data" / "cc12m" / "shards").glob("*.tar"))
         pipe_psnr = psnr_of_tars(shards, bodies, base)
@@ -390,11 +394,18 @@ def run_set(
     pipe_rates = [run[1] / run[0] for run, _ in pipe_runs]
     plain_rate = sum(plain_rates) / len(plain_rates)
     pipe_rate = sum(pipe_rates) / len(pipe_rates)
-    floor = floor_n / floor_s
+    floor_rates = [count / wall for wall, count in floor_runs]
+    floor = sum(floor_rates) / len(floor_rates)
+    floor_n, floor_s = floor_runs[0][1], floor_runs[0][1] / floor
     ratio = pipe_rate / plain_rate
     # Each pipeline run against the mean of the plain runs just before and after it.
     run_ratios = [
         rate / ((plain_rates[k] + plain_rates[k + 1]) / 2) for k, rate in enumerate(pipe_rates)
+    ]
+    # ... and against the floor loops just before and after it.
+    run_fractions = [
+        rate / ((floor_rates[2 * k] + floor_rates[2 * k + 1]) / 2)
+        for k, rate in enumerate(pipe_rates)
     ]
     rules = busy_seconds(stages)
     not_download = pipe_s - sum(
@@ -425,7 +436,8 @@ def run_set(
     )
     runs = [
         (
-            "floor: decode (DCT-scaled) + area resize + encode, 2 processes, no I/O",
+            "floor: decode (DCT-scaled) + area resize + encode, 2 processes, no I/O, "
+            f"mean of {len(floor_runs)} runs",
             floor_n,
             floor_s,
         ),
@@ -477,7 +489,9 @@ rows it fetches); its download rule {pushed_download:.1f} s.
 | goal for the pipeline's fraction of the floor | | | | >= 0.6 |
 
 Each pipeline run against the mean of the plain runs before and after it:
-{", ".join(f"{r:.2f}" for r in run_ratios)}.
+{", ".join(f"{r:.2f}" for r in run_ratios)}; as a fraction of the mean of the floor loops
+just before and after it: {", ".join(f"{r:.2f}" for r in run_fractions)} (the floor loops:
+{", ".join(f"{wall:.1f}" for wall, _ in floor_runs)} s).
 
 The floor loop reads its images from memory; the pipeline and plain img2dataset fetch them
 from an HTTP server in the benchmark's own process, on the same {os.cpu_count()} cores. That
@@ -545,8 +559,9 @@ def main() -> None:
 
 Command: `{command}`. Each set in one run: plain img2dataset and the pipeline in turn,
 plain first and last ({args.repeats} pipeline runs, each between two plain runs: this
-machine's speed drifts by a fifth within minutes), the ratio that of their mean rates; then
-the floor loop on the same bodies. The pipeline time
+machine's speed drifts by a fifth within minutes), the ratio that of their mean rates; and
+the floor loop on the same bodies right before and after each pipeline run, the fraction
+that of their mean rates. The pipeline time
 covers every stage (fetch, normalize, filter, plan, download, finalize with tokenization,
 shards, manifest and card, verify with re-tokenization); finalize copies img2dataset's JPEG
 bytes, the download workers having recorded each image's perceptual hash as they wrote it
