@@ -17,14 +17,22 @@ setup: $(STAMP) ## create .venv with the whole stack (idempotent; a second run d
 
 # The install order is the fix for three traps (../shared/ENVIRONMENT.md): youtokentome
 # needs Cython + wheel without build isolation; torchvision must match torch 2.14.1;
-# dalle_pytorch needs pkg_resources (setuptools<81). The spark, slurm and storage extras are
-# installed because the test suite exercises them.
+# dalle_pytorch needs pkg_resources (setuptools<81). The spark and storage extras are
+# installed because the test suite exercises them. So is the slurm extra, but in
+# $(VENV)/slurm, off the venv's path: Snakemake imports every installed executor plugin at
+# each start, and this one imports pandas (0.45 s) for a cluster one machine never submits
+# to. tests/test_profiles.py puts it on PYTHONPATH; on a cluster, `pip install .[slurm]`.
+# An editable install leaves our modules' bytecode to the interpreter, which never writes
+# it under PYTHONDONTWRITEBYTECODE: compileall writes it, as pip does for other packages.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip Cython wheel "setuptools>=77,<81"
 	$(PY) -m pip install -q --no-build-isolation youtokentome==1.0.6
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev,spark,slurm,storage,clip]"
+	$(PY) -m pip install -q -e ".[dev,spark,storage,clip]"
+	$(PY) -m pip install -q --upgrade --no-deps --target $(VENV)/slurm \
+		snakemake-executor-plugin-slurm==2.8.0 snakemake-executor-plugin-slurm-jobstep==0.6.1
+	$(PY) -m compileall -q dalle_data
 	@# pyspark (the Spark download test) needs a Java runtime; Debian ships one.
 	command -v java >/dev/null || (apt-get update -q && apt-get install -y -q default-jre-headless)
 	@# The collection's lineage.png is drawn by graphviz's `dot`.

@@ -111,9 +111,11 @@ def for_img2dataset(*, inherited: bool = True) -> None:
     sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
     sys.modules.setdefault("wandb", _placeholder_wandb())
     # img2dataset's resizer needs four of albumentations' transforms, whose package imports
-    # its whole catalogue (scipy, pydantic, huggingface_hub: ~0.9 s); the runner and the
-    # logger never resize. The worker processes fork from a server that loaded it once.
-    _defer_import("albumentations")
+    # its whole catalogue (scipy, pydantic: ~0.6 s); the runner and the logger never resize.
+    # The worker processes fork from a server that loaded it once. huggingface_hub (0.25 s
+    # more) is an optional import of albumentations, for pushing transforms to the Hub,
+    # which img2dataset never does: it stays out of that import.
+    _defer_import("albumentations", without=("huggingface_hub",))
     _reduced_jpeg_decode()
     _cached_transforms()
     _forkserver_logger()
@@ -121,21 +123,34 @@ def for_img2dataset(*, inherited: bool = True) -> None:
 
 class _DeferredModule(ModuleType):
     """Stands in ``sys.modules`` for a module until one of its attributes is used, then
-    imports it and forwards to it. (importlib's LazyLoader does not defer here: every
+    imports it (with the optional modules ``without`` names unimportable, unless already
+    imported) and forwards to it. (importlib's LazyLoader does not defer here: every
     ``import`` statement reads the module's ``__spec__``, which loads it.)"""
+
+    def __init__(self, name: str, without: tuple[str, ...]) -> None:
+        super().__init__(name)
+        self._without = without
 
     def __getattr__(self, attr: str) -> Any:
         real = sys.modules.get(self.__name__)
         if real is self or real is None:
             del sys.modules[self.__name__]
-            real = importlib.import_module(self.__name__)
+            hidden = [name for name in self._without if name not in sys.modules]
+            for name in hidden:
+                sys.modules[name] = None  # type: ignore[assignment]  # `import` raises ImportError
+            try:
+                real = importlib.import_module(self.__name__)
+            finally:
+                for name in hidden:
+                    if name in sys.modules and sys.modules[name] is None:
+                        del sys.modules[name]
         return getattr(real, attr)
 
 
-def _defer_import(name: str) -> None:
+def _defer_import(name: str, without: tuple[str, ...] = ()) -> None:
     """Let ``import name`` bind a :class:`_DeferredModule` unless it is imported already."""
     if name not in sys.modules and importlib.util.find_spec(name) is not None:
-        sys.modules[name] = _DeferredModule(name)
+        sys.modules[name] = _DeferredModule(name, without)
 
 
 class _ScaledDecodeCv2:

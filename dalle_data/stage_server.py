@@ -80,12 +80,11 @@ PRELOAD = (
     "dalle_data.formats.tokenizers",
     # After dalle_data.pipeline.download, which sets OpenCV's pixel limit before cv2 loads:
     # what img2dataset's processes import (compat.IMG2DATASET_MODULES), so the download
-    # stage forks them ready. albumentations (0.5 s) in steps: its package imports scipy and
-    # huggingface_hub first.
+    # stage forks them ready. albumentations (0.6 s) in steps: its package imports scipy
+    # first.
     "img2dataset",
     "scipy.special",
     "scipy.ndimage",
-    "huggingface_hub.hf_api",
     "albumentations.core",
     "dalle_data.formats.tokenizers:clip_model",  # the tokenizer finalize and verify use
 )
@@ -255,8 +254,21 @@ def stop() -> None:
 class _Stage:
     """A request taken from a client: run in the forked child."""
 
-    def __init__(self, request: dict[str, Any], fds: list[int], env_changes: dict[str, str]):
-        self.request, self.fds, self.env_changes = request, fds, env_changes
+    def __init__(
+        self,
+        request: dict[str, Any],
+        fds: list[int],
+        env_changes: dict[str, str],
+        conn: socket.socket,
+    ):
+        self.request, self.fds, self.env_changes, self.conn = request, fds, env_changes, conn
+
+    def report(self, code: int) -> None:
+        """Tell the client the stage's exit status itself: the server, busy importing a
+        module, would notice the exit only when that import is done (up to 0.3 s a stage).
+        A stage killed by a signal reports nothing; the server reaps it and tells."""
+        with contextlib.suppress(OSError):
+            self.conn.sendall(_EXITED + _STATUS.pack(code & 0xFF))
 
     def become(self) -> None:
         """Turn this fresh fork into the client's stage process."""
@@ -392,28 +404,29 @@ class _Server:
             self.ready_for(request["argv"])
             if _closed(conn):  # it gave up waiting and runs the stage itself: not twice
                 raise OSError("client left")
+            # Before the fork: the stage's own report of its exit must come after this.
+            conn.sendall(_STARTED)
+            env_changes = {k: v for k, v in os.environ.items() if self.env_at_start.get(k) != v}
+            # The preloaded objects move to the permanent generation: the stage's collections
+            # then never walk them, so their pages stay shared instead of being copied.
+            gc.freeze()
+            pid = os.fork()  # if it fails, the client reports that the server stopped
         except (OSError, ValueError):
             conn.close()
             for fd in fds:
                 os.close(fd)
             return None
-        env_changes = {k: v for k, v in os.environ.items() if self.env_at_start.get(k) != v}
-        # The preloaded objects move to the permanent generation: the stage's collections
-        # then never walk them, so their pages stay shared instead of being copied.
-        gc.freeze()
-        pid = os.fork()
         if pid == 0:
             signal.set_wakeup_fd(-1)
             self.selector.close()
             self.listener.close()
             self.wake_read.close()
             self.wake_write.close()
-            conn.close()
             for _pid, other in self.stages.values():
                 other.close()
             for pidfd in self.stages:
                 os.close(pidfd)
-            return _Stage(request, fds, env_changes)
+            return _Stage(request, fds, env_changes, conn)
         for fd in fds:
             os.close(fd)
         with contextlib.suppress(OSError):  # set on both sides, so a signal can't race it
@@ -422,8 +435,6 @@ class _Server:
         self.stages[pidfd] = (pid, conn)
         self.selector.register(pidfd, selectors.EVENT_READ, "exited")
         self.selector.register(conn, selectors.EVENT_READ, pid)
-        with contextlib.suppress(OSError):
-            conn.sendall(_STARTED)
         return None
 
     def _reap(self, pidfd: int) -> None:
@@ -438,8 +449,11 @@ class _Server:
         conn.close()
 
     def _signal(self, conn: socket.socket, pid: int) -> None:
-        """A byte from a client is a signal to pass on; its end (the client was killed)
-        kills the stage, as if it had been the one killed."""
+        """A byte from a client is a signal to pass on; its end (the client was killed, or
+        left with the status its stage reported) kills the stage's group, as if it had been
+        the one killed."""
+        if conn.fileno() < 0:  # the stage was reaped earlier in the same batch of events
+            return
         try:
             data = conn.recv(64)
         except OSError:
@@ -517,6 +531,7 @@ def _run_stage(stage: _Stage) -> NoReturn:
     if interrupted:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
+    stage.report(code)
     os._exit(code)
 
 

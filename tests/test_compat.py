@@ -75,6 +75,24 @@ def test_img2dataset_processes_run_without_torch_and_wandb():
     assert result.stdout.splitlines() == ["True True", "no torch", "True"]
 
 
+def test_albumentations_loads_for_img2dataset_without_huggingface_hub():
+    """albumentations imports huggingface_hub (0.25 s) only to push transforms to the Hub:
+    in img2dataset's processes it loads, and resizes, without it, and huggingface_hub still
+    imports afterwards for whoever needs it (an hf:// location)."""
+    result = run(
+        "import sys\n"
+        "from dalle_data import compat\n"
+        "compat.for_img2dataset(inherited=False)\n"
+        "import numpy as np, albumentations as A\n"
+        "image = A.SmallestMaxSize(max_size=8)(image=np.zeros((20, 30, 3), np.uint8))['image']\n"
+        "print(image.shape, 'huggingface_hub' in sys.modules)\n"
+        "import huggingface_hub\n"
+        "print(huggingface_hub.HfApi.__name__)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["(8, 12, 3) False", "HfApi"]
+
+
 SPAWNING_SCRIPT = """
 import multiprocessing, sys
 import dalle_data.compat

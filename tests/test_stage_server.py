@@ -205,6 +205,7 @@ def test_the_stage_gets_the_clients_environment_umask_and_streams(tmp_path: Path
         request,
         [devnull, write_out, os.dup(2)],
         {"SET_BY_IMPORT": "server", "SET_BY_BOTH": "server"},
+        socket.socket(socket.AF_UNIX),
     )
     pid = os.fork()
     if pid == 0:  # pragma: no cover (the child reports through the pipe)
@@ -246,10 +247,11 @@ def test_the_stage_gets_the_clients_environment_umask_and_streams(tmp_path: Path
     }
 
 
-# A stand-in command for `_run_stage`: it registers an exit handler, leaves output in the
-# buffer and a thread still running, then ends with ENDING.
+# A stand-in command for `_run_stage`, in a fork: it registers an exit handler, leaves output
+# in the buffer and a thread still running, then ends with ENDING. The parent writes what the
+# stage reported on its connection to report.bin and exits as the stage did.
 ENDING_SCRIPT = """
-import atexit, os, sys, threading, time
+import atexit, os, signal, socket, sys, threading, time
 from dalle_data import cli, stage_server
 def command():
     atexit.register(lambda: print("exit handler ran"))
@@ -258,7 +260,20 @@ def command():
     ENDING
 cli.main = command
 request = {"argv": ["dalle-data"], "cwd": os.getcwd(), "env": dict(os.environ), "umask": 0o22}
-stage_server._run_stage(stage_server._Stage(request, [0, 1, 2], {}))
+mine, theirs = socket.socketpair()
+pid = os.fork()
+if pid == 0:
+    mine.close()
+    stage_server._run_stage(stage_server._Stage(request, [0, 1, 2], {}, theirs))
+theirs.close()
+report = stage_server._recv_exact(mine, 5)
+with open("report.bin", "wb") as f:
+    f.write(report)
+code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
 """
 
 
@@ -277,7 +292,8 @@ def test_a_stage_ends_as_its_interpreter_would(
 ) -> None:
     """Without the interpreter's teardown, a stage still waits for its threads, runs its exit
     handlers, flushes its buffered output, and exits with the status and message Python
-    would give it."""
+    would give it. It tells its client that status itself (the server may be busy importing
+    when it ends), except when a signal kills it: the server reaps it and tells."""
     result = subprocess.run(
         [sys.executable, "-c", ENDING_SCRIPT.replace("ENDING", ending)],
         capture_output=True,
@@ -288,6 +304,8 @@ def test_a_stage_ends_as_its_interpreter_would(
     assert result.returncode == status, result.stderr
     assert result.stdout == "buffered, thread done, exit handler ran\n"
     assert result.stderr.endswith(message)
+    reported = (tmp_path / "report.bin").read_bytes()
+    assert reported == (b"X" + status.to_bytes(4, "big") if status >= 0 else b"")
 
 
 def test_the_server_leaves_when_its_snakemake_does(tmp_path: Path) -> None:
@@ -352,3 +370,28 @@ def test_a_download_waits_for_img2datasets_modules_and_other_stages_do_not() -> 
         "['wave', 'colorsys', 'calendar'] False",
         "['calendar'] True True",
     ]
+
+
+def test_a_stage_reaped_in_the_same_batch_as_its_clients_end_is_left_alone() -> None:
+    """A client leaves as soon as its stage reports its exit, so one select can hold both the
+    stage's exit and the client's end: the end, handled second, finds the stage reaped and
+    its connection closed, and neither signals anything nor stops the server."""
+    code = (
+        "import os, selectors, socket\n"
+        "from dalle_data import stage_server as s\n"
+        "server = s._Server(os.devnull, socket.socket(socket.AF_UNIX), os.getppid())\n"
+        "client, conn = socket.socketpair()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0)\n"
+        "pidfd = os.pidfd_open(pid)\n"
+        "server.stages[pidfd] = (pid, conn)\n"
+        "server.selector.register(pidfd, selectors.EVENT_READ, 'exited')\n"
+        "server.selector.register(conn, selectors.EVENT_READ, pid)\n"
+        "client.close()\n"
+        "server._reap(pidfd)\n"
+        "server._signal(conn, pid)\n"
+        "print(server.stages, len(server.selector.get_map()))\n"
+    )
+    # Left registered: the listener and the wake-up socket.
+    assert python_output(code).split() == ["{}", "2"]
