@@ -18,10 +18,6 @@ include: "pipelines/shards.smk"
 include: "pipelines/train.smk"
 
 
-onstart:
-    start_stages()
-
-
 onsuccess:
     end_run()
 

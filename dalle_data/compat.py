@@ -114,8 +114,10 @@ def for_img2dataset(*, inherited: bool = True) -> None:
     # its whole catalogue (scipy, pydantic: ~0.6 s); the runner and the logger never resize.
     # The worker processes fork from a server that loaded it once. huggingface_hub (0.25 s
     # more) is an optional import of albumentations, for pushing transforms to the Hub,
-    # which img2dataset never does: it stays out of that import.
+    # which img2dataset never does: it stays out of that import. scipy.special (0.2 s) is
+    # used by one transform img2dataset never builds: it loads if that ever runs.
     _defer_import("albumentations", without=("huggingface_hub",))
+    _defer_import("scipy.special")
     _reduced_jpeg_decode()
     _cached_transforms()
     _forkserver_logger()

@@ -2,7 +2,7 @@
 
 A Snakemake run starts one process per job, and each of the short shard-pipeline stages
 spent most of its second importing pandas, pyarrow, typer and our modules before doing a
-few milliseconds of work. The Snakefile's ``onstart`` starts one server for the run
+few milliseconds of work. The Snakefile (pipelines/common.smk) starts one server for the run
 (:func:`start`); it imports those once, and every stage command of that run is a fork of
 it (the approach of PySpark's worker daemon and of multiprocessing's forkserver).
 
@@ -67,6 +67,8 @@ PRELOAD = (
     "typer._adapters",  # typer imports it (and pydantic) when it parses a command line
     "pandas",
     "pyarrow.parquet",
+    "pyarrow.dataset",  # what pq.read_table and Table.to_pandas import on first use
+    "pyarrow.pandas_compat",
     "dalle_data.pipeline.fetch",
     "dalle_data.pipeline.normalize",
     "dalle_data.pipeline.filter_stage",
@@ -80,13 +82,14 @@ PRELOAD = (
     "dalle_data.formats.tokenizers",
     # After dalle_data.pipeline.download, which sets OpenCV's pixel limit before cv2 loads:
     # what img2dataset's processes import (compat.IMG2DATASET_MODULES), so the download
-    # stage forks them ready. albumentations (0.6 s) in steps: its package imports scipy
-    # first.
+    # stage forks them ready. albumentations (0.4 s) in steps: its package imports
+    # scipy.ndimage first.
     "img2dataset",
-    "scipy.special",
     "scipy.ndimage",
     "albumentations.core",
     "dalle_data.formats.tokenizers:clip_model",  # the tokenizer finalize and verify use
+    "PIL.ImageDraw",  # the card's pictures
+    "PIL.PngImagePlugin",
 )
 _IMG2DATASET_PACKAGES = frozenset(m.partition(".")[0] for m in compat.IMG2DATASET_MODULES)
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -207,9 +210,9 @@ def socket_path() -> str | None:
 
 
 def start() -> str | None:
-    """Start this run's stage server (the Snakefile's ``onstart``) and point the jobs at it
-    through :data:`ENV`; the socket path, or None where none can run (stages then start as
-    their own processes)."""
+    """Start this run's stage server (from the Snakefile, as Snakemake reads it) and point the
+    jobs at it through :data:`ENV`; the socket path, or None where none can run (stages then
+    start as their own processes)."""
     import subprocess
 
     global _server
