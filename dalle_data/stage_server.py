@@ -349,9 +349,7 @@ class _Server:
             self.closing = True
             self.selector.unregister(self.listener)
             self.listener.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-                os.rmdir(os.path.dirname(self.path))
+            _remove_socket(self.path)
 
     def serve(self) -> _Stage | None:
         """Run until closed: None in the server, the stage to run in each forked child."""
@@ -538,9 +536,21 @@ def _run_stage(stage: _Stage) -> NoReturn:
     os._exit(code)
 
 
+def _remove_socket(path: str) -> None:
+    """Remove the socket and its private folder (whichever is still there)."""
+    for remove, target in ((os.unlink, path), (os.rmdir, os.path.dirname(path))):
+        with contextlib.suppress(OSError):
+            remove(target)
+
+
 def _serve_main(path: str, listener_fd: int, parent: int) -> None:
     server = _Server(path, socket.socket(fileno=listener_fd), parent)
-    stage = server.serve()
+    try:
+        stage = server.serve()
+    except BaseException:
+        # A server that fails leaves no socket behind: its clients run their stages alone.
+        _remove_socket(path)
+        raise
     if stage is not None:
         _run_stage(stage)
 

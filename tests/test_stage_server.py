@@ -395,3 +395,22 @@ def test_a_stage_reaped_in_the_same_batch_as_its_clients_end_is_left_alone() -> 
     )
     # Left registered: the listener and the wake-up socket.
     assert python_output(code).split() == ["{}", "2"]
+
+
+def test_a_server_that_fails_leaves_no_socket_behind() -> None:
+    """Its clients then run their stages alone; /tmp keeps no folder of it."""
+    code = (
+        "import os, socket\n"
+        "from dalle_data import stage_server as s\n"
+        "path = s.socket_path()\n"
+        "listener = socket.socket(socket.AF_UNIX)\n"
+        "listener.bind(path)\n"
+        "def fail(self):\n"
+        "    raise RuntimeError('broken')\n"
+        "s._Server.serve = fail\n"
+        "try:\n"
+        "    s._serve_main(path, listener.detach(), os.getppid())\n"
+        "except RuntimeError as err:\n"
+        "    print(err, os.path.exists(os.path.dirname(path)))\n"
+    )
+    assert python_output(code).split() == ["broken", "False"]
