@@ -20,13 +20,12 @@ pipeline's rate is reported as a fraction of its mean rate (goal >= 0.6; both us
 stored image against a full decode + area resize of its source (img2dataset's own resize
 without the JPEG encode), for the pipeline and, for scale, plain img2dataset.
 
-Run from the repo root: .venv/bin/python benchmarks/bench_download.py [--images 6000 --photos 1000]
 A third pipeline run sends 10% of the URLs to a second host (127.0.0.2) that answers 429
 with `Retry-After: R` to every request in the R seconds after its first one: those rows
 come in a retry round, and the run's time is set against the bound those waits impose.
 
 Run from the repo root:
-.venv/bin/python benchmarks/bench_download.py [--images 6000] [--retry-after 20]
+.venv/bin/python benchmarks/bench_download.py [--images 6000] [--photos 2000] [--retry-after 20]
 """
 
 from __future__ import annotations
@@ -291,6 +290,18 @@ def import_seconds(module: str) -> float:
     return run(f"import {module}") - run("pass")
 
 
+def snakemake_start_seconds(path: Path | None = None, runs: int = 3) -> float:
+    """Mean wall seconds of ``snakemake --version`` (its imports and plugin discovery), with
+    ``path`` on PYTHONPATH."""
+    env = {**os.environ, "PYTHONPATH": str(path)} if path else None
+    total = 0.0
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([BIN / "snakemake", "--version"], check=True, capture_output=True, env=env)
+        total += time.perf_counter() - start
+    return total / runs
+
+
 def stage_seconds(ds_dir: Path) -> dict[str, tuple[float, float, float]]:
     """Per rule: wall and CPU seconds of its command and when it ended (Snakemake's
     benchmark TSVs, each written as its rule ends), in the order the rules ended."""
@@ -551,6 +562,8 @@ def main() -> None:
     # What the Snakefile imports of dalle_data at every start (config and the train rule's
     # lineage name; torch-free since naming.py).
     snakefile_import = import_seconds("dalle_data.config, dalle_data.model.output_name")
+    snakemake_start = snakemake_start_seconds()
+    slurm_start = snakemake_start_seconds(BIN.parent / "slurm")  # where `make setup` puts it
     command = (
         f".venv/bin/python benchmarks/bench_download.py --images {args.images} "
         f"--photos {args.photos} --retry-after {args.retry_after} --repeats {args.repeats}"
@@ -568,11 +581,17 @@ bytes, the download workers having recorded each image's perceptual hash as they
 (images counted: written + duplicates); card and verify run side by side. The
 `retry_rounds: 0` run shows what the retry machinery costs when nothing fails, and the
 `stage_server: false` run what the stage server saves (dalle_data/stage_server.py: every
-stage but the download's img2dataset processes is a fork of one server per Snakemake run
-that imported pandas, pyarrow, typer and dalle_data once). Each timed run
+stage but the download's img2dataset processes is a fork of one server per Snakemake run,
+started as Snakemake reads the Snakefile, that imported pandas, pyarrow, typer, img2dataset
+and dalle_data once; each stage tells its client its exit status itself). Each timed run
 follows the same command on {WARM_URLS} of the URLs, untimed, so every run reads its code from
 the page cache (this VM reclaims idle file pages within minutes). The Snakefile's
 dalle_data imports (config, model.output_name) take {snakefile_import:.2f} s, timed alone.
+Snakemake's own start-up (`snakemake --version`, its imports and plugin discovery; mean of
+3): {snakemake_start:.2f} s as `make setup` leaves the venv, {slurm_start:.2f} s with the
+slurm executor plugin on its path: Snakemake imports every installed executor plugin at
+each start and this one imports pandas, so `make setup` installs it in `.venv/slurm`, off
+the path (Makefile; a cluster installs `.[slurm]`).
 
 {sections[0]}
 {sections[1]}
