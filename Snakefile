@@ -18,6 +18,10 @@ include: "pipelines/shards.smk"
 include: "pipelines/train.smk"
 
 
+onstart:
+    start_run()
+
+
 onsuccess:
     end_run()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dalle_data import config as ddconfig
 from dalle_data import locations, stage_server
-from dalle_data.compat import end_snakemake_run
+from dalle_data.compat import end_snakemake_run, start_snakemake_run
 from dalle_data.settings import resolve
 from dalle_data.model.output_name import planned_output
 
@@ -49,6 +49,11 @@ if config["storage_options"]:
 
 wildcard_constraints:
     dataset="[a-z0-9]+",
+
+
+def start_run():
+    """The run starts: Snakemake's own lazy pandas import, done while the first job runs."""
+    start_snakemake_run()
 
 
 def end_run():

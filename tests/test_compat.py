@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -383,3 +385,45 @@ def test_a_finished_snakemake_run_leaves_no_timer_to_wait_for(tmp_path):
     # Snakemake's modules and plugins alone are hundreds of thousands of objects.
     assert timers.pop("frozen") > 100_000
     assert timers == {"before": ["snakemake.scheduling.job_scheduler"], "after": []}
+
+
+PANDAS_SNAKEFILE = """
+import json, sys, threading
+from dalle_data.compat import start_snakemake_run
+
+rule done:
+    output: "done.txt"
+    params: answer=42
+    shell: "echo done > {output}"
+
+SEEN = {}
+
+onstart:
+    SEEN["before"] = "pandas" in sys.modules
+    if config.get("shim"):
+        start_snakemake_run()
+    SEEN["threads"] = [t.name for t in threading.enumerate()]
+
+onsuccess:
+    with open("pandas.json", "w") as out:
+        json.dump({**SEEN, "after": "pandas" in sys.modules}, out)
+"""
+
+
+@pytest.mark.parametrize("shim", [False, True])
+def test_snakemake_imports_pandas_for_its_first_finished_job(tmp_path, shim):
+    """Without the shim, Snakemake imports pandas itself once a job has finished (to record
+    its params): if `after` comes back False there, Snakemake stopped doing so: drop the
+    shim. With it, onstart imports pandas in a daemon thread while the first job runs."""
+    (tmp_path / "Snakefile").write_text(PANDAS_SNAKEFILE)
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", "done.txt"]
+        + (["--config", "shim=1"] if shim else []),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads((tmp_path / "pandas.json").read_text())
+    assert seen["before"] is False and seen["after"] is True
+    assert ("import pandas" in seen["threads"]) is shim
